@@ -1,0 +1,74 @@
+"""Settings, read once from the environment. Every knob has its unit last in its name."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+ENV_KAFKA_BOOTSTRAP = "FLOORGUARD_KAFKA_BOOTSTRAP"
+ENV_DATABASE_URL = "FLOORGUARD_DATABASE_URL"
+ENV_TOPIC_PREFIX = "FLOORGUARD_TOPIC_PREFIX"
+ENV_GROUP_ID = "FLOORGUARD_GROUP_ID"
+ENV_PARTITIONS = "FLOORGUARD_PARTITIONS"
+
+TOPIC_PREFIX_DEFAULT = "floorguard"
+GROUP_ID_DEFAULT = "floorguard-worker"
+PARTITIONS_DEFAULT = 8
+
+# The embedded local default (`floorguard stack up`): loopback only, ports chosen to stay clear
+# of a Kafka or PostgreSQL the user may already run on the standard ports.
+LOCAL_KAFKA_PORT = 59092
+LOCAL_KAFKA_CONTROLLER_PORT = 59093
+LOCAL_POSTGRES_PORT = 55432
+LOCAL_KAFKA_BOOTSTRAP = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
+LOCAL_DATABASE_URL = f"postgresql://floorguard@127.0.0.1:{LOCAL_POSTGRES_PORT}/floorguard"
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The four topic names of the contract, under one prefix."""
+
+    prefix: str
+
+    @property
+    def commands(self) -> str:
+        return f"{self.prefix}.commands"
+
+    @property
+    def replies(self) -> str:
+        return f"{self.prefix}.replies"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def dlq(self) -> str:
+        return f"{self.prefix}.dlq"
+
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.commands, self.replies, self.events, self.dlq)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    kafka_bootstrap: str
+    database_url: str
+    topics: Topics
+    group_id: str
+    partitions: int
+
+    @classmethod
+    def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
+        return cls(
+            kafka_bootstrap=kafka_bootstrap or os.environ[ENV_KAFKA_BOOTSTRAP],
+            database_url=database_url or os.environ[ENV_DATABASE_URL],
+            topics=Topics(os.environ.get(ENV_TOPIC_PREFIX, TOPIC_PREFIX_DEFAULT)),
+            group_id=os.environ.get(ENV_GROUP_ID, GROUP_ID_DEFAULT),
+            partitions=int(os.environ.get(ENV_PARTITIONS, PARTITIONS_DEFAULT)),
+        )
+
+
+def endpoints_in_env() -> bool:
+    """True when the user named both services: then no command starts anything."""
+    return bool(os.environ.get(ENV_KAFKA_BOOTSTRAP)) and bool(os.environ.get(ENV_DATABASE_URL))
