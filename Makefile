@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything else follows from them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint stack-up stack-down clean
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e clients/python -e ".[test]"
+	touch $(STAMP)
+
+## run: start the local Kafka and PostgreSQL (installing what is missing), migrate, create the
+## topics, and run the worker in the foreground. Ctrl-C stops the worker.
+run: $(STAMP)
+	$(BIN)/floorguard run
+
+## test: the whole suite against a real Kafka and a real PostgreSQL (started if not named by
+## FLOORGUARD_KAFKA_BOOTSTRAP and FLOORGUARD_DATABASE_URL).
+test: $(STAMP) lint
+	$(BIN)/python -m pytest
+
+## lint: the architecture's import rules (pyproject.toml, [tool.importlinter]).
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+stack-up: $(STAMP)
+	$(BIN)/floorguard stack up
+
+stack-down: $(STAMP)
+	$(BIN)/floorguard stack down
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

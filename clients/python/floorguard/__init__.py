@@ -1,0 +1,30 @@
+"""floorguard's client for agents: `from floorguard import Ledger`."""
+
+from floorguard.errors import (
+    BalanceOverflow,
+    ExceedsHold,
+    Forbidden,
+    HoldClosed,
+    HoldExpired,
+    HoldNotExpired,
+    HoldNotFound,
+    IdempotencyConflict,
+    InsufficientFunds,
+    InvalidCommand,
+    LedgerError,
+    Refused,
+    ReplyTimeout,
+    Unauthenticated,
+    UnknownModel,
+    WalletExists,
+    WalletNotFound,
+)
+from floorguard.ledger import Ledger
+from floorguard.reply import Reply
+
+__all__ = [
+    "BalanceOverflow", "ExceedsHold", "Forbidden", "HoldClosed", "HoldExpired", "HoldNotExpired",
+    "HoldNotFound", "IdempotencyConflict", "InsufficientFunds", "InvalidCommand", "Ledger",
+    "LedgerError", "Refused", "Reply", "ReplyTimeout", "Unauthenticated", "UnknownModel",
+    "WalletExists", "WalletNotFound",
+]  # fmt: skip

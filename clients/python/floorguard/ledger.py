@@ -1,0 +1,144 @@
+"""Send a command, await its reply by correlation id; retry a timeout under the same command id."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from types import TracebackType
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from floorguard.errors import ReplyTimeout, refusal
+from floorguard.reply import Reply
+
+CONTRACT_VERSION = 1
+TIMEOUT_DEFAULT_S = 10.0
+ATTEMPTS_DEFAULT = 3
+REPLY_POLL_MS = 100
+CONNECT_TIMEOUT_S = 30.0
+
+
+class Ledger:
+    """A connection to floorguard for one agent or operator. Use as `async with Ledger(...)`.
+
+    Replies come on `reply_topic` (default `<prefix>.replies`); the client reads every partition
+    of it from the moment it starts and keeps those whose correlation id it is waiting for.
+    """
+
+    def __init__(
+        self,
+        bootstrap: str,
+        *,
+        topic_prefix: str = "floorguard",
+        reply_topic: str | None = None,
+        timeout_s: float = TIMEOUT_DEFAULT_S,
+        attempts: int = ATTEMPTS_DEFAULT,
+    ) -> None:
+        assert attempts >= 1 and timeout_s > 0
+        self._bootstrap = bootstrap
+        self.commands_topic = f"{topic_prefix}.commands"
+        self.reply_topic = reply_topic or f"{topic_prefix}.replies"
+        self._timeout_s = timeout_s
+        self._attempts = attempts
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._producer: AIOKafkaProducer | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Ledger:
+        await self.start()
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:  # fmt: skip
+        await self.close()
+
+    async def start(self) -> None:
+        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True)
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        await asyncio.wait_for(self._producer.start(), CONNECT_TIMEOUT_S)
+        await asyncio.wait_for(self._consumer.start(), CONNECT_TIMEOUT_S)
+        partitions = self._consumer.partitions_for_topic(self.reply_topic)
+        if not partitions:
+            partitions = (await self._producer.partitions_for(self.reply_topic)) or set()
+        assignment = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
+        assert assignment, f"reply topic {self.reply_topic} has no partitions"
+        self._consumer.assign(assignment)
+        await self._consumer.seek_to_end(*assignment)
+        for tp in assignment:  # pin the end now, so that no reply sent after start is missed
+            await self._consumer.position(tp)
+        self._reader = asyncio.create_task(self._read_replies())
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        for client in (self._consumer, self._producer):
+            if client is not None:
+                await client.stop()
+
+    # --- operations ------------------------------------------------------------------------------
+
+    async def open(self, wallet: str, *, floor: int = 0, id: str | None = None, memo: str | None = None) -> Reply:
+        return await self.send(build_command("open", wallet, id, memo, floor=floor))
+
+    async def credit(self, wallet: str, amount: int, *, id: str | None = None, memo: str | None = None) -> Reply:
+        return await self.send(build_command("credit", wallet, id, memo, amount=amount))
+
+    async def charge(self, wallet: str, amount: int, *, id: str | None = None, memo: str | None = None) -> Reply:
+        return await self.send(build_command("charge", wallet, id, memo, amount=amount))
+
+    async def send(self, command: dict[str, Any], *, raise_on_refusal: bool = True) -> Reply:
+        """Send one command and return its reply; a refusal raises its typed error by default.
+
+        Each attempt that times out sends the very same command again (same id, same
+        correlation id), so however many attempts reach the ledger, one decision is made.
+        """
+        assert self._producer is not None, "use `async with Ledger(...)` or call start()"
+        value = json.dumps(command, separators=(",", ":")).encode()
+        correlation_id = uuid.uuid4().hex
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[correlation_id] = future
+        try:
+            for _ in range(self._attempts):
+                await self._producer.send_and_wait(
+                    self.commands_topic,
+                    value=value,
+                    key=command["wallet"].encode(),
+                    headers=[("reply_to", self.reply_topic.encode()), ("correlation_id", correlation_id.encode())],
+                )
+                try:
+                    reply = await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
+                except asyncio.TimeoutError:
+                    continue
+                if raise_on_refusal and not reply.ok:
+                    raise refusal(reply)
+                return reply
+        finally:
+            self._waiting.pop(correlation_id, None)
+        raise ReplyTimeout(command["id"], self._attempts, self._timeout_s)
+
+    async def _read_replies(self) -> None:
+        assert self._consumer is not None
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=REPLY_POLL_MS)
+            for records in batches.values():
+                for record in records:
+                    self._resolve(record.headers, record.value)
+
+    def _resolve(self, headers: Any, value: bytes | None) -> None:
+        correlation_id = next((v.decode(errors="replace") for k, v in headers or () if k == "correlation_id"), None)
+        future = self._waiting.get(correlation_id or "")
+        if future is None or future.done():
+            return
+        future.set_result(Reply.model_validate_json(value or b"{}"))
+
+
+def build_command(op: str, wallet: str, command_id: str | None, memo: str | None, **fields: Any) -> dict[str, Any]:
+    command: dict[str, Any] = {"v": CONTRACT_VERSION, "op": op, "id": command_id or str(uuid.uuid4()), "wallet": wallet}
+    command.update({name: value for name, value in fields.items() if value is not None})
+    if memo is not None:
+        command["memo"] = memo
+    return command

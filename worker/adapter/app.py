@@ -1,0 +1,129 @@
+"""The worker as a FastStream application: one batch subscriber on the commands topic.
+
+FastStream owns the consumer, the producer, the lifespan and the AsyncAPI description. Three
+guarantees need the aiokafka consumer beneath it, reached through the subscriber rather than
+around it: offsets come from the database (seek on assignment, never Kafka's committed offsets),
+a fetched batch is split per partition (FastStream's batch spans partitions), and outbox records
+go out byte for byte through the broker's own producer (see `publisher.py`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiokafka import AIOKafkaProducer
+from faststream import AckPolicy, FastStream
+from faststream.kafka import KafkaBroker
+from faststream.kafka.annotations import KafkaMessage
+from faststream.kafka.message import FAKE_CONSUMER
+from faststream.kafka.message import KafkaMessage as KafkaMessageClass
+
+from worker.adapter.processor import Processor, Rebalance
+from worker.adapter.publisher import Publisher
+from worker.adapter.topics import check_commands_topic
+from worker.config import Settings
+from worker.store.store import Store
+
+BATCH_RECORDS_MAX = 500  # records fetched at once, over all partitions
+BATCH_WAIT_MS = 5  # a lone command is fetched as soon as it lands; this bounds the idle poll
+SESSION_TIMEOUT_MS = 10_000
+GRACEFUL_TIMEOUT_S = 30
+PRODUCER_REQUEST_TIMEOUT_MS = 30_000
+
+log = logging.getLogger("floorguard.worker")
+
+
+def build_app(settings: Settings) -> FastStream:
+    topics = settings.topics
+    broker = KafkaBroker(
+        settings.kafka_bootstrap,
+        client_id="floorguard-worker",
+        acks="all",  # a reply promises a decision; its record must survive a broker's crash
+        enable_idempotence=True,
+        request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+        graceful_timeout=GRACEFUL_TIMEOUT_S,
+    )
+    runtime: dict[str, Any] = {}
+    subscriber = None
+
+    def consumer():  # the aiokafka consumer beneath the subscriber, once it has started
+        return subscriber.consumer if subscriber is not None else None
+
+    publisher = Publisher(lambda: _producer(broker), topics.dlq)
+    processor = Processor(lambda: runtime["store"], publisher, topics, consumer)
+
+    subscriber = broker.subscriber(
+        topics.commands,
+        batch=True,
+        group_id=settings.group_id,
+        auto_offset_reset="earliest",  # overridden on assignment by the database's offsets
+        isolation_level="read_committed",  # a command of an aborted transaction never happened
+        ack_policy=AckPolicy.MANUAL,  # Kafka's committed offsets are never the source of truth
+        max_records=BATCH_RECORDS_MAX,
+        batch_timeout_ms=BATCH_WAIT_MS,
+        session_timeout_ms=SESSION_TIMEOUT_MS,
+        listener=Rebalance(processor, topics.commands),
+        parser=_raw_records,
+        decoder=_no_body,
+        no_reply=True,  # replies follow the contract's headers, not FastStream's reply_to
+        title=topics.commands,
+        description="Commands for the ledger, keyed by wallet (see docs/contract.md).",
+    )
+
+    @subscriber
+    async def decide(message: KafkaMessage) -> None:
+        try:
+            await processor.handle(message.raw_message)
+        except BaseException:
+            # A bug: stop rather than let the consumer move past records that were not decided.
+            # The database still holds each partition's position, so a restart loses nothing.
+            log.critical("stopping the worker: a batch failed in a way that is not retried", exc_info=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise
+
+    for topic, about in ((topics.replies, "Replies to commands that named this topic in reply_to."),
+                         (topics.events, "Every stored decision, for audit and projections."),
+                         (topics.dlq, "Records too broken to answer, with a reason header.")):  # fmt: skip
+        broker.publisher(topic, title=topic, description=about)  # documents the topic in AsyncAPI
+
+    @asynccontextmanager
+    async def lifespan() -> AsyncIterator[None]:
+        partitions = await check_commands_topic(settings.kafka_bootstrap, topics)
+        log.info("%s has %d partitions, LogAppendTime, retention forever", topics.commands, partitions)
+        runtime["store"] = await Store.connect(settings.database_url)
+        try:
+            yield
+        finally:
+            await runtime["store"].close()
+
+    return FastStream(broker, lifespan=lifespan)
+
+
+def _producer(broker: KafkaBroker) -> AIOKafkaProducer:
+    producer = broker.config.producer._producer.producer  # the broker's connected aiokafka producer
+    assert isinstance(producer, AIOKafkaProducer), type(producer)
+    return producer
+
+
+async def _raw_records(records: tuple, original_parser: Any) -> KafkaMessageClass:
+    """Hands the records over untouched: FastStream's parser decodes headers as UTF-8 and would
+    stop at the first malformed one, which the contract answers with a 422 instead."""
+    first = records[0]
+    return KafkaMessageClass(
+        body=b"",
+        headers={},
+        reply_to="",
+        message_id=f"{first.partition}-{first.offset}-{records[-1].offset}",
+        correlation_id="",
+        raw_message=records,
+        consumer=FAKE_CONSUMER,  # offsets are never committed to Kafka: see the module's docstring
+    )
+
+
+async def _no_body(message: Any, original_decoder: Any) -> None:
+    return None

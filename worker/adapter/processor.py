@@ -1,0 +1,188 @@
+"""Decides each partition's share of a consumed batch, in order, exactly once.
+
+The consumer's position is not trusted: the database holds each partition's next offset, read on
+assignment and advanced by each batch's transaction only from the value this worker last saw.
+A worker that lost a partition meets a different stored offset, rolls back, and lets go.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError, KafkaError
+
+from worker import failpoints
+from worker.config import Topics
+from worker.core.model import Parsed, Record
+from worker.core.outgoing import Outgoing, outgoing
+from worker.core.parse import parse
+from worker.adapter.publisher import Publisher, Undeliverable
+from worker.store.store import TRANSIENT_ERRORS, Fenced, Store
+
+INFRA_RETRIES_MAX = 8
+INFRA_BACKOFF_FIRST_S = 0.1
+INFRA_BACKOFF_MAX_S = 5.0
+# Faults of the infrastructure, retried; anything else is a bug and stops the worker.
+INFRA_ERRORS = (*TRANSIENT_ERRORS, OSError, asyncio.TimeoutError, KafkaError, Undeliverable)
+
+log = logging.getLogger("floorguard.worker")
+
+
+class Processor:
+    def __init__(self, store: Callable[[], Store], publisher: Publisher, topics: Topics,
+                 consumer: Callable[[], AIOKafkaConsumer | None]) -> None:  # fmt: skip
+        self._store_of = store  # connected in the application's lifespan
+        self._publisher = publisher
+        self._topics = topics
+        self._consumer = consumer
+        self._forbidden_reply_topics = (topics.commands, topics.events, topics.dlq)
+        self._seen: dict[int, int] = {}  # partition -> next offset this worker last saw stored
+        self._unpublished: set[int] = set()  # partitions whose outbox may hold unsent records
+        self._rewound: dict[int, int] = {}  # partition -> offset it was last sought back to
+        # Held while a batch is decided, so that a rebalance hands partitions over between batches.
+        self.busy = asyncio.Lock()
+
+    @property
+    def _store(self) -> Store:
+        return self._store_of()
+
+    def render(self, decision) -> list[Outgoing]:
+        return outgoing(decision, self._topics.events, self._topics.dlq, self._topics.commands)
+
+    # --- rebalance ------------------------------------------------------------------------------
+
+    async def assigned(self, partitions: Sequence[int]) -> None:
+        """Resume each partition from the database, after publishing what its last owner left."""
+        consumer = self._consumer()
+        assert consumer is not None
+        for partition in partitions:
+            next_offset = await self._store.claim(self._topics.commands, partition)
+            self._seen[partition] = next_offset
+            consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
+            self._unpublished.add(partition)
+            log.info("partition %d assigned, resuming at offset %d", partition, next_offset)
+        for partition in partitions:
+            await self._heal(partition)
+
+    async def revoked(self, partitions: Sequence[int]) -> None:
+        async with self.busy:
+            for partition in partitions:
+                self._seen.pop(partition, None)
+                self._unpublished.discard(partition)
+
+    async def _heal(self, partition: int) -> None:
+        """Publish what a crash or an earlier owner left in the partition's outbox."""
+        try:
+            pending = await self._store.pending_outbox(self._topics.commands, partition)
+            if pending:
+                log.info("partition %d: publishing %d records left in the outbox", partition, len(pending))
+                await self._publisher.publish([record for _, record in pending])
+                await self._store.delete_outbox([position for position, _ in pending])
+        except INFRA_ERRORS as error:
+            log.warning("partition %d: outbox not published yet (%r)", partition, error)
+            return
+        self._unpublished.discard(partition)
+
+    # --- batches --------------------------------------------------------------------------------
+
+    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        by_partition: dict[int, list[Parsed]] = defaultdict(list)
+        for raw in records:
+            by_partition[raw.partition].append(parse(_record(raw), self._forbidden_reply_topics))
+        async with self.busy:
+            await asyncio.gather(*(self._partition(p, batch) for p, batch in by_partition.items()))
+
+    async def _partition(self, partition: int, batch: list[Parsed]) -> None:
+        if partition in self._unpublished:
+            await self._heal(partition)
+        if self._skipped_ahead(partition, batch):
+            return
+        delay_s = INFRA_BACKOFF_FIRST_S
+        for attempt in range(1, INFRA_RETRIES_MAX + 1):
+            seen = self._seen.get(partition)
+            if seen is None:
+                return  # revoked since the fetch: the new owner decides these
+            try:
+                committed = await self._store.apply_batch(self._topics.commands, partition, seen, batch, self.render)
+            except Fenced as fenced:
+                log.warning("partition %d fenced (%s): letting go of this batch", partition, fenced)
+                await self._resume_from_store(partition)
+                return
+            except INFRA_ERRORS as error:
+                log.warning("partition %d: attempt %d failed: %r", partition, attempt, error)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
+                continue
+            self._seen[partition] = committed.next_offset
+            failpoints.hit("after_commit")
+            await self._publish(partition, committed.outbox)
+            return
+        # Out of retries: rewind to the stored position so that the batch is delivered again.
+        await self._resume_from_store(partition)
+
+    def _skipped_ahead(self, partition: int, batch: list[Parsed]) -> bool:
+        """True when the batch starts past the stored position: some records were never decided.
+
+        The consumer is sought back once. If it again starts at the same place, the gap is real
+        (a transaction's marker takes an offset of its own) and the batch is decided.
+        """
+        seen = self._seen.get(partition)
+        first = next((p.record.offset for p in batch if seen is not None and p.record.offset >= seen), None)
+        if seen is None or first is None or first == seen or self._rewound.get(partition) == seen:
+            return False
+        log.warning("partition %d: batch starts at %d, stored position is %d; seeking back", partition, first, seen)
+        self._rewound[partition] = seen
+        consumer = self._consumer()
+        if consumer is not None:
+            consumer.seek(TopicPartition(self._topics.commands, partition), seen)
+        return True
+
+    async def _publish(self, partition: int, outbox: list[tuple[int, Outgoing]]) -> None:
+        """After the commit. A failure loses nothing: the rows stay in the outbox until published."""
+        if not outbox:
+            return
+        try:
+            await self._publisher.publish([record for _, record in outbox])
+            await self._store.delete_outbox([position for position, _ in outbox])
+        except INFRA_ERRORS as error:
+            log.warning("partition %d: publishing %d records failed (%r)", partition, len(outbox), error)
+            self._unpublished.add(partition)
+
+    async def _resume_from_store(self, partition: int) -> None:
+        """Seek back to the stored position, so that what was not committed comes again."""
+        consumer = self._consumer()
+        try:
+            next_offset = await self._store.claim(self._topics.commands, partition)
+        except INFRA_ERRORS as error:
+            log.warning("partition %d: cannot read its position (%r)", partition, error)
+            next_offset = self._seen.get(partition)
+        if next_offset is None or partition not in self._seen or consumer is None:
+            return
+        self._seen[partition] = next_offset
+        try:
+            consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
+        except IllegalStateError:
+            self._seen.pop(partition, None)  # no longer ours
+
+
+class Rebalance(ConsumerRebalanceListener):
+    """Hands assignment changes to the processor. aiokafka awaits these before fetching again."""
+
+    def __init__(self, processor: Processor, commands_topic: str) -> None:
+        self._processor = processor
+        self._topic = commands_topic
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._processor.revoked([tp.partition for tp in revoked if tp.topic == self._topic])
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self._processor.assigned(sorted(tp.partition for tp in assigned if tp.topic == self._topic))
+
+
+def _record(raw: ConsumerRecord) -> Record:
+    headers = tuple((name, value if isinstance(value, bytes) else b"") for name, value in raw.headers or ())
+    return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, headers)

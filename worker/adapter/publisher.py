@@ -1,0 +1,79 @@
+"""Publishes outbox records after their commit: at least once, never lost.
+
+FastStream's `publish` takes a body to encode and headers as text; the outbox holds finished
+records (exact bytes, binary headers of a dead letter), so they go through the aiokafka
+producer that FastStream's broker owns and has already connected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+
+from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
+
+from worker.core.outgoing import Outgoing
+
+SEND_TIMEOUT_S = 30
+log = logging.getLogger("floorguard.publisher")
+
+
+class Undeliverable(Exception):
+    pass
+
+
+class Publisher:
+    def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str) -> None:
+        self._producer_of = producer  # the broker's producer exists only once the broker runs
+        self._dlq_topic = dlq_topic
+
+    @property
+    def _producer(self) -> AIOKafkaProducer:
+        return self._producer_of()
+
+    async def publish(self, records: Sequence[Outgoing]) -> None:
+        """Send every record and wait for the broker's acknowledgement of all of them.
+
+        A reply whose topic or partition does not exist goes to the dead-letter topic instead,
+        with the reason; any other failure raises, and the caller keeps the records to retry.
+        """
+        checked = [await self._deliverable(record) for record in records]
+        futures = [await self._send(record) for record in checked]
+        await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
+
+    async def _send(self, record: Outgoing) -> asyncio.Future:
+        return await self._producer.send(
+            record.topic,
+            value=record.value,
+            key=record.key,
+            partition=record.partition,
+            headers=list(record.headers),
+        )
+
+    async def _deliverable(self, record: Outgoing) -> Outgoing:
+        try:
+            partitions = await self._partitions(record.topic)
+        except (KafkaError, asyncio.TimeoutError) as error:
+            raise Undeliverable(f"metadata of {record.topic}: {error!r}") from error
+        if partitions and (record.partition is None or record.partition in partitions):
+            return record
+        if record.topic == self._dlq_topic:
+            raise Undeliverable(f"the dead-letter topic {record.topic} is missing")
+        reason = f"reply topic {record.topic} has no partition {record.partition}" if partitions else (
+            f"reply topic {record.topic} does not exist"
+        )
+        log.warning("reply sent to the dead-letter topic: %s", reason)
+        headers = (*record.headers, ("reason", reason.encode()), ("reply_to", record.topic.encode()))
+        return Outgoing(self._dlq_topic, None, record.key, record.value, headers)
+
+    async def _partitions(self, topic: str) -> set[int]:
+        cluster = self._producer.client.cluster
+        partitions = cluster.partitions_for_topic(topic)
+        if partitions is None:
+            # Not in the cached metadata: ask the broker before calling the topic missing, without
+            # making the producer track a name that may not exist.
+            metadata = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), SEND_TIMEOUT_S)
+            partitions = metadata.partitions_for_topic(topic)
+        return set(partitions or ())

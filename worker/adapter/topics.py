@@ -1,0 +1,75 @@
+"""Creates the contract's topics and checks the commands topic before a worker trusts it."""
+
+from __future__ import annotations
+
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import TopicAlreadyExistsError
+
+from worker.config import Topics
+
+ADMIN_TIMEOUT_MS = 30_000
+REPLIES_RETENTION_MS = 24 * 60 * 60 * 1000
+DLQ_RETENTION_MS = 30 * 24 * 60 * 60 * 1000
+
+# The commands topic is the ledger's history: kept forever, stamped with the broker's time.
+COMMANDS_CONFIG = {"retention.ms": "-1", "message.timestamp.type": "LogAppendTime", "cleanup.policy": "delete"}
+
+
+class TopicMisconfigured(RuntimeError):
+    pass
+
+
+def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
+    return {
+        topics.commands: COMMANDS_CONFIG,
+        topics.replies: {"retention.ms": str(REPLIES_RETENTION_MS)},
+        topics.events: {"retention.ms": "-1"},  # the audit stream is kept as long as the log
+        topics.dlq: {"retention.ms": str(DLQ_RETENTION_MS)},
+    }
+
+
+async def create_topics(bootstrap: str, topics: Topics, partitions: int) -> list[str]:
+    """Create what is missing; return the names created. An existing topic is left as it is."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    await admin.start()
+    created = []
+    try:
+        existing = set(await admin.list_topics())
+        for name, config in topic_configs(topics).items():
+            if name in existing:
+                continue
+            try:
+                await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config)])
+            except TopicAlreadyExistsError:
+                continue
+            created.append(name)
+    finally:
+        await admin.close()
+    return created
+
+
+async def check_commands_topic(bootstrap: str, topics: Topics) -> int:
+    """Refuse a commands topic that is not LogAppendTime with infinite retention.
+
+    Returns its partition count. Time and replay both rest on these two settings.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    await admin.start()
+    try:
+        described = await admin.describe_topics([topics.commands])
+        if not described or described[0]["error_code"] != 0:
+            raise TopicMisconfigured(f"{topics.commands} does not exist: run `floorguard topics`")
+        partitions = len(described[0]["partitions"])
+        resource = ConfigResource(ConfigResourceType.TOPIC, topics.commands)
+        (response,) = await admin.describe_configs([resource])
+    finally:
+        await admin.close()
+    (resource_result,) = response.resources
+    configs = {entry[0]: entry[1] for entry in resource_result[4]}
+    for name in ("retention.ms", "message.timestamp.type"):
+        if configs.get(name) != COMMANDS_CONFIG[name]:
+            raise TopicMisconfigured(
+                f"{topics.commands} has {name}={configs.get(name)}; the ledger needs {COMMANDS_CONFIG[name]}"
+            )
+    return partitions

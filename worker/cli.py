@@ -1,0 +1,210 @@
+"""`floorguard`: the operator's command line. Run `floorguard --help`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import Any
+
+from worker import config
+from worker.config import Settings
+
+EXIT_REFUSED = 1
+EXIT_FAILED = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return args.run(args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="floorguard", description="A prepaid hard cap for AI agents' spending.")
+    parser.add_argument("--json", action="store_true", help="print replies as JSON, for scripts")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait per attempt for a reply")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    stack = commands.add_parser("stack", help="the local Kafka and PostgreSQL (the embedded default)")
+    stack.add_argument("action", choices=("up", "down", "status"))
+    stack.set_defaults(run=_stack)
+    commands.add_parser("migrate", help="apply the database migrations").set_defaults(run=_migrate)
+    commands.add_parser("topics", help="create the topics with the contract's settings").set_defaults(run=_topics)
+    commands.add_parser("worker", help="run a worker in the foreground").set_defaults(run=_worker)
+    commands.add_parser("run", help="stack up, migrate, topics, then the worker").set_defaults(run=_run)
+
+    wallet = commands.add_parser("wallet", help="open, credit or show a wallet").add_subparsers(required=True, metavar="ACTION")
+    opening = wallet.add_parser("open", help="open a wallet")
+    opening.add_argument("wallet")
+    opening.add_argument("--floor", type=int, default=0, help="lowest balance it may reach (≤ 0)")
+    _command_options(opening)
+    opening.set_defaults(run=lambda a: _send(a, "open", floor=a.floor))
+    credit = wallet.add_parser("credit", help="add money to a wallet")
+    credit.add_argument("wallet")
+    credit.add_argument("amount", type=int)
+    _command_options(credit)
+    credit.set_defaults(run=lambda a: _send(a, "credit", amount=a.amount))
+    show = wallet.add_parser("show", help="a wallet's balance, reserved, floor and available")
+    show.add_argument("wallet")
+    show.set_defaults(run=_show)
+
+    charge = commands.add_parser("charge", help="spend from a wallet; refused with 402 past its floor")
+    charge.add_argument("wallet")
+    charge.add_argument("amount", type=int)
+    _command_options(charge)
+    charge.set_defaults(run=lambda a: _send(a, "charge", amount=a.amount))
+    return parser
+
+
+def _command_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--id", help="the idempotency key (default: a new UUID); reuse it to retry safely")
+    parser.add_argument("--memo", help="free text stored with the decision")
+
+
+def settings() -> Settings:
+    """The user's services when both variables are set; else the local stack, started if needed."""
+    if config.endpoints_in_env():
+        return Settings.from_env()
+    from worker import stack
+
+    endpoints = stack.up()
+    return Settings.from_env(endpoints.kafka_bootstrap, endpoints.database_url)
+
+
+# --- services ---------------------------------------------------------------------------------
+
+
+def _stack(args: argparse.Namespace) -> int:
+    from worker import stack
+
+    if args.action == "up":
+        if config.endpoints_in_env():
+            endpoints = Settings.from_env()
+        else:
+            endpoints = stack.up()
+        print(f"export {config.ENV_KAFKA_BOOTSTRAP}={shlex.quote(endpoints.kafka_bootstrap)}")
+        print(f"export {config.ENV_DATABASE_URL}={shlex.quote(endpoints.database_url)}")
+    elif args.action == "down":
+        stack.down()
+    else:
+        print("\n".join(stack.status()))
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from worker.store.migrate import migrate
+
+    applied = asyncio.run(migrate(settings().database_url))
+    print(f"applied {', '.join(applied)}" if applied else "the database is up to date")
+    return 0
+
+
+def _topics(args: argparse.Namespace) -> int:
+    from worker.adapter.topics import create_topics
+
+    current = settings()
+    created = asyncio.run(create_topics(current.kafka_bootstrap, current.topics, current.partitions))
+    print(f"created {', '.join(created)}" if created else "the topics exist")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.adapter.app import build_app
+    from worker.adapter.topics import TopicMisconfigured
+
+    try:
+        asyncio.run(build_app(settings()).run())
+    except TopicMisconfigured as error:
+        print(f"floorguard worker: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    current = settings()
+    os.environ[config.ENV_KAFKA_BOOTSTRAP] = current.kafka_bootstrap
+    os.environ[config.ENV_DATABASE_URL] = current.database_url
+    _migrate(args)
+    _topics(args)
+    print(_FIRST_STEPS.format(bootstrap=current.kafka_bootstrap, database=current.database_url), file=sys.stderr)
+    return _worker(args)
+
+
+_FIRST_STEPS = """
+floorguard is starting on Kafka {bootstrap} and {database}.
+In another terminal, send a first command:
+
+    eval "$(.venv/bin/floorguard stack up)"
+    .venv/bin/floorguard wallet open agent-7 && .venv/bin/floorguard wallet credit agent-7 1000000000
+    .venv/bin/floorguard charge agent-7 25000000
+
+Ctrl-C stops the worker; `.venv/bin/floorguard stack down` stops Kafka and PostgreSQL.
+"""
+
+
+# --- commands over Kafka ------------------------------------------------------------------------
+
+
+def _send(args: argparse.Namespace, op: str, **fields: Any) -> int:
+    from floorguard.ledger import Ledger, build_command
+
+    current = settings()
+    command = build_command(op, args.wallet, args.id, args.memo, **fields)
+
+    async def send() -> Any:
+        async with Ledger(current.kafka_bootstrap, topic_prefix=current.topics.prefix, timeout_s=args.timeout) as ledger:
+            return await ledger.send(command, raise_on_refusal=False)
+
+    reply = asyncio.run(send())
+    if args.json:
+        print(reply.model_dump_json(exclude_none=True))
+    else:
+        print(_readable(reply))
+    return 0 if reply.ok else EXIT_REFUSED
+
+
+def _readable(reply: Any) -> str:
+    head = f"{reply.op} {reply.wallet} {reply.id}: " + ("accepted" if reply.ok else f"refused {reply.status} {reply.error}")
+    lines = [head + (" (duplicate)" if reply.duplicate else "")]
+    if reply.message:
+        lines.append(f"  {reply.message}")
+    for name in ("amount", "balance", "reserved", "available", "seq"):
+        value = getattr(reply, name)
+        if value is not None:
+            lines.append(f"  {name:<9} {value:>22,}")
+    lines.append(f"  at        {reply.at:>22}")
+    return "\n".join(lines)
+
+
+def _show(args: argparse.Namespace) -> int:
+    from worker.store.store import Store
+
+    async def show() -> Any:
+        store = await Store.connect(settings().database_url, pool_size_max=1)
+        try:
+            return await store.show_wallet(args.wallet)
+        finally:
+            await store.close()
+
+    wallet = asyncio.run(show())
+    if wallet is None:
+        print(json.dumps({"wallet": args.wallet, "error": "wallet_not_found"}) if args.json else f"no wallet {args.wallet}")
+        return EXIT_REFUSED
+    shown = {"wallet": wallet.wallet, "balance": wallet.balance, "reserved": wallet.reserved,
+             "floor": wallet.floor, "available": wallet.available, "seq": wallet.seq}  # fmt: skip
+    if args.json:
+        print(json.dumps(shown))
+    else:
+        print("\n".join(f"{name:<9} {value:>22,}" if isinstance(value, int) else f"{name:<9} {value}" for name, value in shown.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""From a raw command record to a `Command` or an `Invalid` (422), by the contract's rules.
+
+Strict on purpose: floats, exponents, booleans, strings and null are not money; unknown fields,
+duplicate keys and out-of-range numbers are refused, so that a typo never passes silently.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from worker.core.codes import SAFE_INTEGER_MAX, SUPPORTED_OPS, Op
+from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress
+
+VALUE_SIZE_MAX_BYTES = 16 * 1024
+MEMO_LENGTH_MAX_CHARS = 256
+CORRELATION_ID_SIZE_MAX_BYTES = 255
+TOPIC_NAME_LENGTH_MAX_CHARS = 249
+INTEGER_DIGITS_MAX = 20  # far past 2^53; stops a 16 KiB number before Python's int parser sees it
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+TOPIC_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,249}")
+REPLY_HEADERS = ("reply_to", "correlation_id", "reply_partition")
+
+KNOWN_FIELDS = ("v", "op", "id", "wallet", "amount", "usage", "floor", "hold", "ttl_ms", "memo")
+# The fields each op takes beyond v, op, id, wallet and memo; True marks a required one.
+OP_FIELDS: dict[Op, dict[str, bool]] = {
+    Op.OPEN: {"floor": False},
+    Op.CREDIT: {"amount": True},
+    Op.CHARGE: {"amount": False, "usage": False},
+    Op.RESERVE: {"amount": False, "usage": False, "ttl_ms": False},
+    Op.EXTEND: {"hold": True, "amount": True, "ttl_ms": False},
+    Op.CAPTURE: {"hold": True, "amount": False},
+    Op.RELEASE: {"hold": True},
+    Op.EXPIRE: {"hold": True},
+}
+
+
+class _NotAnInteger:
+    """Stands in for a JSON number that is not a plain integer (fraction, exponent, NaN)."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Malformed(Exception):
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+def parse(record: Record, forbidden_reply_topics: Iterable[str]) -> Parsed:
+    """Parse one record. Never raises for bad input: every problem becomes an `Invalid`."""
+    reply_address, address_problem = _reply_address(record, frozenset(forbidden_reply_topics))
+    command = _command(record)
+    if address_problem is not None:
+        # A broken reply address is a 422 of its own, whatever the value says.
+        invalid = address_problem if isinstance(command, Command) else command
+        return Parsed(record, _as_invalid(invalid, address_problem), None, address_problem.message)
+    if isinstance(command, Invalid) and reply_address is None:
+        return Parsed(record, command, None, f"no reply_to header to answer with: {command.message}")
+    return Parsed(record, command, reply_address)
+
+
+def _as_invalid(command: Command | Invalid, fallback: Invalid) -> Invalid:
+    if isinstance(command, Invalid):
+        return command
+    return Invalid(fallback.field, fallback.problem, command.id, command.wallet, command.op.value)
+
+
+# --- headers --------------------------------------------------------------------------------
+
+
+def _reply_address(
+    record: Record, forbidden: frozenset[str]
+) -> tuple[ReplyAddress | None, Invalid | None]:
+    """The reply address, or the reason it is unusable. No `reply_to` means no reply at all."""
+    values: dict[str, bytes] = {}
+    for name, value in record.headers:
+        if name in REPLY_HEADERS:
+            if name in values:
+                return None, Invalid(name, "header repeated")
+            values[name] = value if isinstance(value, bytes) else b""
+    if "reply_to" not in values:
+        return None, None
+    topic = _text(values["reply_to"])
+    if topic is None or not TOPIC_NAME_PATTERN.fullmatch(topic) or topic in (".", ".."):
+        return None, Invalid("reply_to", "not a legal topic name")
+    if topic in forbidden:
+        return None, Invalid("reply_to", f"{topic} is not a reply topic")
+    correlation_id = None
+    if "correlation_id" in values:
+        raw = values["correlation_id"]
+        correlation_id = _text(raw)
+        if correlation_id is None or len(raw) > CORRELATION_ID_SIZE_MAX_BYTES:
+            return None, Invalid("correlation_id", "not UTF-8 text of at most 255 bytes")
+    return ReplyAddress(topic, correlation_id or "", reply_partition(record)[0]), None
+
+
+def reply_partition(record: Record) -> tuple[int | None, Invalid | None]:
+    """The `reply_partition` header: ASCII decimal, or absent."""
+    for name, value in record.headers:
+        if name == "reply_partition":
+            text = _text(value)
+            if text is None or not text.isascii() or not text.isdecimal() or len(text) > 9:
+                return None, Invalid("reply_partition", "not an ASCII decimal partition number")
+            return int(text), None
+    return None, None
+
+
+def _text(value: bytes | None) -> str | None:
+    try:
+        return (value or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+# --- value ----------------------------------------------------------------------------------
+
+
+def _command(record: Record) -> Command | Invalid:
+    try:
+        fields = _json_object(record.value)
+    except _Malformed as error:
+        return Invalid(error.field, error.problem)
+    echo = _echo(fields)
+    try:
+        command = _fields_to_command(fields)
+        partition_problem = reply_partition(record)[1]
+        if partition_problem is not None:
+            raise _Malformed(partition_problem.field, partition_problem.problem)
+        if record.key is None or _text(record.key) != command.wallet:
+            raise _Malformed("key", "the record key must equal wallet")
+    except _Malformed as error:
+        return Invalid(error.field, error.problem, **echo)
+    return command
+
+
+def _json_object(value: bytes | None) -> dict[str, Any]:
+    if value is None:
+        raise _Malformed("value", "missing")
+    if len(value) > VALUE_SIZE_MAX_BYTES:
+        raise _Malformed("value", f"larger than {VALUE_SIZE_MAX_BYTES} bytes")
+    text = _text(value)
+    if text is None:
+        raise _Malformed("value", "not UTF-8")
+    try:
+        document = json.loads(
+            text,
+            object_pairs_hook=_object_without_duplicates,
+            parse_float=_NotAnInteger,
+            parse_int=_integer,
+            parse_constant=_NotAnInteger,
+        )
+    except _Malformed:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise _Malformed("value", f"not JSON ({error.__class__.__name__})") from None
+    if not isinstance(document, dict):
+        raise _Malformed("value", "not a JSON object")
+    return document
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for name, value in pairs:
+        if name in document:
+            raise _Malformed("value", f"duplicate key {name!r}")
+        document[name] = value
+    return document
+
+
+def _integer(text: str) -> int | _NotAnInteger:
+    if len(text.lstrip("-")) > INTEGER_DIGITS_MAX:
+        return _NotAnInteger(text)
+    return int(text)
+
+
+def _echo(fields: dict[str, Any]) -> dict[str, str | None]:
+    """The id, wallet and op a 422 reply may repeat: only values that pass their own check."""
+    op = fields.get("op")
+    return {
+        "id": _valid_id(fields.get("id")),
+        "wallet": _valid_id(fields.get("wallet")),
+        "op": op if isinstance(op, str) and op in Op._value2member_map_ else None,
+    }
+
+
+def _valid_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and ID_PATTERN.fullmatch(value) else None
+
+
+def _fields_to_command(fields: dict[str, Any]) -> Command:
+    for name in fields:
+        if name not in KNOWN_FIELDS:
+            raise _Malformed(_field_name(name), "unknown field")
+    if "v" not in fields:
+        raise _Malformed("v", "required")
+    if type(fields["v"]) is not int or fields["v"] != 1:
+        raise _Malformed("v", "must be 1")
+    op = _op(fields)
+    command_id = _id(fields, "id")
+    wallet = _id(fields, "wallet")
+    taken = OP_FIELDS[op]
+    for name in ("amount", "usage", "floor", "hold", "ttl_ms"):
+        if name in fields and name not in taken:
+            raise _Malformed(name, f"not allowed for op {op.value}")
+    for name, required in taken.items():
+        if required and name not in fields:
+            raise _Malformed(name, "required")
+    if op not in SUPPORTED_OPS:
+        raise _Malformed("op", f"{op.value} is not supported by this worker yet")
+    if "usage" in fields:
+        raise _Malformed("usage", "not supported by this worker yet")
+    amount = _money(fields, "amount", minimum=1, maximum=SAFE_INTEGER_MAX)
+    if op is Op.CHARGE and amount is None:
+        raise _Malformed("amount", "required")
+    floor = _money(fields, "floor", minimum=-SAFE_INTEGER_MAX, maximum=0)
+    return Command(op, command_id, wallet, amount=amount, floor=floor, memo=_memo(fields))
+
+
+def _field_name(name: str) -> str:
+    """A field name safe to quote in a message: printable and bounded."""
+    shown = "".join(c if c.isprintable() else "?" for c in name[:64])
+    return shown if shown else "''"
+
+
+def _op(fields: dict[str, Any]) -> Op:
+    if "op" not in fields:
+        raise _Malformed("op", "required")
+    value = fields["op"]
+    if not isinstance(value, str) or value not in Op._value2member_map_:
+        raise _Malformed("op", "unknown op")
+    return Op(value)
+
+
+def _id(fields: dict[str, Any], name: str) -> str:
+    if name not in fields:
+        raise _Malformed(name, "required")
+    value = _valid_id(fields[name])
+    if value is None:
+        raise _Malformed(name, "must match ^[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}$")
+    return value
+
+
+def _money(fields: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+    if name not in fields:
+        return None
+    value = fields[name]
+    if type(value) is not int:  # bool is an int subclass, and is refused here too
+        raise _Malformed(name, "must be a JSON integer (no fraction, exponent, string or null)")
+    if not minimum <= value <= maximum:
+        raise _Malformed(name, f"must lie within {minimum} … {maximum}")
+    return value
+
+
+def _memo(fields: dict[str, Any]) -> str | None:
+    if "memo" not in fields:
+        return None
+    value = fields["memo"]
+    if not isinstance(value, str) or len(value) > MEMO_LENGTH_MAX_CHARS:
+        raise _Malformed("memo", f"must be a string of at most {MEMO_LENGTH_MAX_CHARS} characters")
+    return value

@@ -1,0 +1,88 @@
+-- Every SQL statement of the worker, each in one named block. `worker/store/queries.py` loads
+-- them by name; Python holds no SQL of its own.
+
+-- name: claim_partition
+INSERT INTO partitions (topic, partition, next_offset, clock_ms)
+VALUES ($1, $2, 0, 0)
+ON CONFLICT (topic, partition) DO NOTHING;
+
+-- name: partition_position
+SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2;
+
+-- name: lock_partition
+SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE;
+
+-- name: advance_partition
+UPDATE partitions SET next_offset = $4, clock_ms = $5
+WHERE topic = $1 AND partition = $2 AND next_offset = $3;
+
+-- name: load_wallets
+SELECT wallet, balance, reserved, floor, seq, partition
+FROM wallets WHERE wallet = ANY($1::text[]);
+
+-- name: load_decisions
+SELECT d.wallet, d.id, d.fingerprint, d.reply
+FROM decisions AS d
+JOIN unnest($1::text[], $2::text[]) AS k (wallet, id) ON d.wallet = k.wallet AND d.id = k.id;
+
+-- name: insert_wallets
+INSERT INTO wallets (wallet, balance, reserved, floor, seq, partition)
+SELECT wallet, 0, 0, floor, 1, partition
+FROM unnest($1::text[], $2::bigint[], $3::integer[]) AS n (wallet, floor, partition);
+
+-- name: apply_wallets
+-- The guarded statement: check and move in the same breath. A row whose move would take it
+-- below its floor, or whose seq is not the one the decision was made on, is not updated.
+UPDATE wallets AS w
+SET balance = w.balance + n.balance_delta,
+    reserved = w.reserved + n.reserved_delta,
+    seq = n.seq
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+    AS n (wallet, balance_delta, reserved_delta, seq_before, seq)
+WHERE w.wallet = n.wallet
+  AND w.seq = n.seq_before
+  AND w.balance + n.balance_delta - (w.reserved + n.reserved_delta) >= w.floor;
+
+-- name: insert_decisions
+INSERT INTO decisions (
+    wallet, id, seq, op, status, error, amount, balance, reserved, at_ms, fingerprint, memo,
+    partition, "offset", reply
+)
+SELECT * FROM unnest(
+    $1::text[], $2::text[], $3::bigint[], $4::text[], $5::smallint[], $6::text[], $7::bigint[],
+    $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::integer[],
+    $14::bigint[], $15::text[]
+);
+
+-- name: insert_outbox
+INSERT INTO outbox (source_topic, source_partition, topic, partition, key, value, headers)
+SELECT $1, $2, topic, partition, key, value, headers
+FROM unnest($3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
+    AS o (topic, partition, key, value, headers)
+RETURNING position;
+
+-- name: outbox_of_partition
+SELECT position, topic, partition, key, value, headers
+FROM outbox WHERE source_topic = $1 AND source_partition = $2
+ORDER BY position;
+
+-- name: delete_outbox
+DELETE FROM outbox WHERE position = ANY($1::bigint[]);
+
+-- name: show_wallet
+SELECT wallet, balance, reserved, floor, seq, partition FROM wallets WHERE wallet = $1;
+
+-- name: migrations_lock
+SELECT pg_advisory_xact_lock(7402194);
+
+-- name: migrations_table
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- name: migrations_applied
+SELECT version FROM schema_migrations ORDER BY version;
+
+-- name: migration_record
+INSERT INTO schema_migrations (version) VALUES ($1);
