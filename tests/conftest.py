@@ -154,3 +154,8 @@ async def wait_until_serving(ledger: Ledger, wallet: str = "ready-probe") -> Non
     probe = {"v": 1, "op": "charge", "id": uuid.uuid4().hex, "wallet": wallet, "amount": 1}
     reply = await asyncio.wait_for(ledger.send(probe, raise_on_refusal=False), WORKER_READY_TIMEOUT_S)
     assert reply.error == "wallet_not_found", reply
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that restart the shared services run last, so that no other test sees the restart."""
+    items.sort(key=lambda item: item.get_closest_marker("restarts_stack") is not None)

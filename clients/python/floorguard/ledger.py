@@ -60,9 +60,7 @@ class Ledger:
         self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
         await asyncio.wait_for(self._producer.start(), CONNECT_TIMEOUT_S)
         await asyncio.wait_for(self._consumer.start(), CONNECT_TIMEOUT_S)
-        partitions = self._consumer.partitions_for_topic(self.reply_topic)
-        if not partitions:
-            partitions = (await self._producer.partitions_for(self.reply_topic)) or set()
+        partitions = (await self._producer.partitions_for(self.reply_topic)) or set()
         assignment = [TopicPartition(self.reply_topic, p) for p in sorted(partitions)]
         assert assignment, f"reply topic {self.reply_topic} has no partitions"
         self._consumer.assign(assignment)
