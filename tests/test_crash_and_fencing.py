@@ -1,0 +1,113 @@
+"""Crashes between commit and publish, fencing of a stale owner, and the database's own guard."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+
+from tests.conftest import ROOT, wait_until_serving, worker_env
+from tests.harness import Replies, books, events, send_all
+from worker.core.model import Record
+from worker.core.outgoing import outgoing
+from worker.core.parse import parse
+from worker.store.queries import QUERIES
+from worker.store.store import Fenced, Store
+
+
+async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
+    first = workers.start(FLOORGUARD_FAILPOINT="after_commit:4")
+    await wait_until_serving(ledger)  # batch 1
+    await ledger.open("w")  # batch 2
+    await ledger.credit("w", 1_000)  # batch 3
+    commands = [{"v": 1, "op": "charge", "id": f"k{i}", "wallet": "w", "amount": 3} for i in range(400)]
+    replies = Replies(settings.kafka_bootstrap, settings.topics.replies, settings.partitions)
+    await replies.start()
+    try:
+        await send_all(settings, commands, producers=8)
+        assert await asyncio.to_thread(first.wait, 60) == -9  # SIGKILL after the 4th commit
+        connection = await asyncpg.connect(settings.database_url)
+        try:
+            stranded = await connection.fetchval("SELECT count(*) FROM outbox")
+        finally:
+            await connection.close()
+        assert stranded > 0, "the crash should have left committed records unpublished"
+        workers.start()  # the next owner heals the outbox, then carries on
+        await replies.wait_for({c["id"] for c in commands})
+    finally:
+        await replies.stop()
+    wallets, decided = await books(settings.database_url)
+    assert wallets["w"]["balance"] == 1_000 - 3 * 333 and wallets["w"]["seq"] == 2 + 400
+    assert all(count == 1 for count in decided.values())
+    seen = {(e["wallet"], e["seq"]) for e in await events(settings, 402)}
+    assert seen == {("w", s) for s in range(1, 403)}
+
+
+async def test_a_stale_owner_can_neither_apply_nor_advance(settings):
+    store = await Store.connect(settings.database_url)
+    topic = settings.topics.commands
+    try:
+        assert await store.claim(topic, 0) == 0
+
+        def batch(offset: int, command_id: str) -> list:
+            value = b'{"v":1,"op":"open","id":"%s","wallet":"w"}' % command_id.encode()
+            return [parse(Record(0, offset, 1_000, b"w", value, ()), ())]
+
+        def render(decision):
+            return outgoing(decision, settings.topics.events, settings.topics.dlq, topic)
+
+        committed = await store.apply_batch(topic, 0, 0, batch(0, "o1"), render)  # the new owner
+        assert committed.next_offset == 1
+        with pytest.raises(Fenced):  # the old owner, still believing the partition is at 0
+            await store.apply_batch(topic, 0, 0, batch(0, "o1"), render)
+        again = await store.apply_batch(topic, 0, 1, batch(0, "o1"), render)  # redelivered: skipped
+        assert again.decisions == [] and again.next_offset == 1
+    finally:
+        await store.close()
+    wallets, decided = await books_after_outbox_cleared(settings.database_url)
+    assert wallets["w"]["seq"] == 1 and decided[("w", "o1")] == 1
+
+
+async def books_after_outbox_cleared(database_url: str):
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("DELETE FROM outbox")  # nothing publishes in this test
+    finally:
+        await connection.close()
+    return await books(database_url)
+
+
+async def test_the_database_refuses_an_overdraft_even_from_a_buggy_writer(settings):
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        await connection.execute("INSERT INTO wallets VALUES ('w', 10, 0, 0, 1, 0)")
+        # The guarded statement moves nothing when the move would cross the floor ...
+        status = await connection.execute(QUERIES["apply_wallets"], ["w"], [-11], [0], [1], [2])
+        assert status == "UPDATE 0"
+        assert await connection.fetchval(QUERIES["apply_wallets"].replace(";", "") + " RETURNING 1", ["w"], [-10], [0], [1], [2]) == 1
+        # ... and the CHECK constraint stops any other statement.
+        with pytest.raises(asyncpg.CheckViolationError):
+            await connection.execute("UPDATE wallets SET balance = -1 WHERE wallet = 'w'")
+    finally:
+        await connection.close()
+
+
+async def test_the_worker_refuses_a_commands_topic_without_log_append_time(settings):
+    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([settings.topics.commands])
+        await asyncio.sleep(2)
+        await admin.create_topics([NewTopic(settings.topics.commands, 1, 1, topic_configs={"retention.ms": "-1"})])
+    finally:
+        await admin.close()
+    result = await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, env=worker_env(settings),
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0 and "message.timestamp.type" in result.stderr, result.stderr[-2000:]
