@@ -59,11 +59,14 @@ class Publisher:
             raise Undeliverable(f"metadata of {record.topic}: {error!r}") from error
         if partitions and (record.partition is None or record.partition in partitions):
             return record
+        if partitions:
+            # The decision never depends on broker metadata (replay must reproduce it), so a
+            # reply_partition the topic lacks only changes where the reply lands: placed by key.
+            log.warning("reply topic %s has no partition %s: reply placed by key", record.topic, record.partition)
+            return Outgoing(record.topic, None, record.key, record.value, record.headers)
         if record.topic == self._dlq_topic:
             raise Undeliverable(f"the dead-letter topic {record.topic} is missing")
-        reason = f"reply topic {record.topic} has no partition {record.partition}" if partitions else (
-            f"reply topic {record.topic} does not exist"
-        )
+        reason = f"reply topic {record.topic} does not exist"
         log.warning("reply sent to the dead-letter topic: %s", reason)
         headers = (*record.headers, ("reason", reason.encode()), ("reply_to", record.topic.encode()))
         return Outgoing(self._dlq_topic, None, record.key, record.value, headers)

@@ -39,7 +39,8 @@ OP_FIELDS: dict[Op, dict[str, bool]] = {
 
 
 class _NotAnInteger:
-    """Stands in for a JSON number that is not a plain integer (fraction, exponent, NaN)."""
+    """Stands in for a JSON number that is not a plain integer (a fraction, an exponent, or too
+    many digits), so that the field it sits in is named in the 422."""
 
     __slots__ = ("text",)
 
@@ -155,7 +156,7 @@ def _json_object(value: bytes | None) -> dict[str, Any]:
             object_pairs_hook=_object_without_duplicates,
             parse_float=_NotAnInteger,
             parse_int=_integer,
-            parse_constant=_NotAnInteger,
+            parse_constant=_not_json,
         )
     except _Malformed:
         raise
@@ -173,6 +174,10 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise _Malformed("value", f"duplicate key {name!r}")
         document[name] = value
     return document
+
+
+def _not_json(text: str) -> None:
+    raise _Malformed("value", f"not JSON ({text} is no JSON number)")
 
 
 def _integer(text: str) -> int | _NotAnInteger:
