@@ -20,7 +20,9 @@ EXIT_FAILED = 2
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    chatty = args.run in (_worker, _run)  # a service logs its progress; a one-shot command only trouble
+    logging.basicConfig(level=logging.INFO if chatty else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip
     return args.run(args)
 
 
@@ -28,6 +30,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="floorguard", description="A prepaid hard cap for AI agents' spending.")
     parser.add_argument("--json", action="store_true", help="print replies as JSON, for scripts")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS", help="wait per attempt for a reply")
+    # The same two options after the command too (`floorguard charge W 5 --json`).
+    output = argparse.ArgumentParser(add_help=False)
+    output.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON, for scripts")
+    output.add_argument("--timeout", type=float, default=argparse.SUPPRESS, metavar="SECONDS", help="reply wait")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     stack = commands.add_parser("stack", help="the local Kafka and PostgreSQL (the embedded default)")
@@ -39,21 +45,21 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser("run", help="stack up, migrate, topics, then the worker").set_defaults(run=_run)
 
     wallet = commands.add_parser("wallet", help="open, credit or show a wallet").add_subparsers(required=True, metavar="ACTION")
-    opening = wallet.add_parser("open", help="open a wallet")
+    opening = wallet.add_parser("open", help="open a wallet", parents=[output])
     opening.add_argument("wallet")
     opening.add_argument("--floor", type=int, default=0, help="lowest balance it may reach (≤ 0)")
     _command_options(opening)
     opening.set_defaults(run=lambda a: _send(a, "open", floor=a.floor))
-    credit = wallet.add_parser("credit", help="add money to a wallet")
+    credit = wallet.add_parser("credit", help="add money to a wallet", parents=[output])
     credit.add_argument("wallet")
     credit.add_argument("amount", type=int)
     _command_options(credit)
     credit.set_defaults(run=lambda a: _send(a, "credit", amount=a.amount))
-    show = wallet.add_parser("show", help="a wallet's balance, reserved, floor and available")
+    show = wallet.add_parser("show", help="a wallet's balance, reserved, floor and available", parents=[output])
     show.add_argument("wallet")
     show.set_defaults(run=_show)
 
-    charge = commands.add_parser("charge", help="spend from a wallet; refused with 402 past its floor")
+    charge = commands.add_parser("charge", help="spend from a wallet; refused with 402 past its floor", parents=[output])
     charge.add_argument("wallet")
     charge.add_argument("amount", type=int)
     _command_options(charge)
@@ -164,7 +170,7 @@ def _send(args: argparse.Namespace, op: str, **fields: Any) -> int:
 
     reply = asyncio.run(send())
     if args.json:
-        print(reply.model_dump_json(exclude_none=True))
+        print(reply.model_dump_json(exclude_unset=True))  # the reply as it came, nulls included
     else:
         print(_readable(reply))
     return 0 if reply.ok else EXIT_REFUSED
