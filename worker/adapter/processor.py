@@ -60,13 +60,21 @@ class Processor:
         consumer = self._consumer()
         assert consumer is not None
         for partition in partitions:
-            next_offset = await self._store.claim(self._topics.commands, partition)
-            self._seen[partition] = next_offset
-            consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
-            self._unpublished.add(partition)
-            log.info("partition %d assigned, resuming at offset %d", partition, next_offset)
+            try:
+                await self._resume(consumer, partition)
+            except INFRA_ERRORS as error:
+                # Claimed later, by the first batch that arrives for it (see `_partition`).
+                log.warning("partition %d: cannot read its position yet (%r)", partition, error)
         for partition in partitions:
-            await self._heal(partition)
+            if partition in self._seen:
+                await self._heal(partition)
+
+    async def _resume(self, consumer: AIOKafkaConsumer, partition: int) -> None:
+        next_offset = await self._store.claim(self._topics.commands, partition)
+        self._seen[partition] = next_offset
+        consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
+        self._unpublished.add(partition)
+        log.info("partition %d assigned, resuming at offset %d", partition, next_offset)
 
     async def revoked(self, partitions: Sequence[int]) -> None:
         async with self.busy:
@@ -97,6 +105,18 @@ class Processor:
             await asyncio.gather(*(self._partition(p, batch) for p, batch in by_partition.items()))
 
     async def _partition(self, partition: int, batch: list[Parsed]) -> None:
+        if partition not in self._seen:
+            # Assigned while the database was away: claim it now and start from its stored offset.
+            consumer = self._consumer()
+            tp = TopicPartition(self._topics.commands, partition)
+            if consumer is not None and tp in consumer.assignment():
+                try:
+                    await self._resume(consumer, partition)
+                except INFRA_ERRORS as error:
+                    log.warning("partition %d: cannot read its position yet (%r)", partition, error)
+                    await asyncio.sleep(INFRA_BACKOFF_MAX_S)
+                    consumer.seek(tp, batch[0].record.offset)  # keep the records coming back
+            return
         if partition in self._unpublished:
             await self._heal(partition)
         if self._skipped_ahead(partition, batch):
