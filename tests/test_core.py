@@ -145,3 +145,98 @@ def test_a_batch_split_anywhere_decides_the_same(commands, cut):
     parsed = [parse(record(i, c), FORBIDDEN) for i, c in enumerate(commands)][cut:]
     rest = decide_batch(state, parsed)
     assert [d.reply for d in whole] == [d.reply for d in first + rest]
+
+
+# --- holds ----------------------------------------------------------------------------------
+
+HOLD_IDS = ("h1", "h2", "h3")
+hold_strategy = st.one_of(
+    command_strategy,
+    st.builds(lambda w, h, a, t: {"v": 1, "op": "reserve", "id": h, "wallet": w, "amount": a, "ttl_ms": t},
+              st.sampled_from(WALLETS), st.sampled_from(HOLD_IDS), st.integers(1, 1_500), st.integers(1, 5_000)),
+    st.builds(lambda w, h, i, a: {"v": 1, "op": "extend", "id": i, "wallet": w, "hold": h, "amount": a},
+              st.sampled_from(WALLETS), st.sampled_from(HOLD_IDS), st.sampled_from(IDS), st.integers(1, 500)),
+    st.builds(lambda w, h, i, a: {"v": 1, "op": "capture", "id": i, "wallet": w, "hold": h, **a},
+              st.sampled_from(WALLETS), st.sampled_from(HOLD_IDS), st.sampled_from(IDS),
+              st.one_of(st.just({}), st.builds(lambda n: {"amount": n}, st.integers(0, 2_000)))),
+    st.builds(lambda w, h, i: {"v": 1, "op": "release", "id": i, "wallet": w, "hold": h},
+              st.sampled_from(WALLETS), st.sampled_from(HOLD_IDS), st.sampled_from(IDS)),
+    st.builds(lambda w, h: {"v": 1, "op": "expire", "id": f"expire:{h}", "wallet": w, "hold": h},
+              st.sampled_from(WALLETS), st.sampled_from(HOLD_IDS)),
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.tuples(hold_strategy, st.integers(0, 2_000)), max_size=60))
+def test_holds_keep_the_invariant_and_reserved_is_the_sum_of_open_holds(steps):
+    state = PartitionState(0, 0)
+    at_ms, parsed = 1_000, []
+    for i, (command, step_ms) in enumerate(steps):
+        at_ms += step_ms  # time moves on between commands, so holds expire along the way
+        parsed.append(parse(record(i, command, at_ms=at_ms), FORBIDDEN))
+    decisions = decide_batch(state, parsed)
+    for name, wallet in state.wallets.items():
+        assert wallet.balance - wallet.reserved >= wallet.floor
+        open_holds = sum(h.amount for (w, _), h in state.holds.items() if w == name and h.open)
+        assert wallet.reserved == open_holds
+        stored = [d.reply for d in decisions if d.stored and d.reply["wallet"] == name]
+        assert [r["seq"] for r in stored] == list(range(1, len(stored) + 1))
+        moved_in = sum(r["amount"] for r in stored if r["ok"] and r["op"] == "credit")
+        moved_out = sum(r["amount"] for r in stored if r["ok"] and r["op"] in ("charge", "capture"))
+        assert wallet.balance == moved_in - moved_out
+        closings = [r["id"] for r in stored if r["ok"] and r["op"] in ("capture", "release", "expire")]
+        closed = [d.parsed.command.hold for d in decisions if d.stored and d.reply["ok"] and d.reply["wallet"] == name
+                  and d.reply["op"] in ("capture", "release", "expire")]  # fmt: skip
+        assert len(closed) == len(set(closed)) == len(closings), "a hold closed twice"
+
+
+def test_capture_and_extend_after_expiry_are_410_before_any_expire_arrives():
+    state = PartitionState(0, 0)
+    commands = [
+        ({"v": 1, "op": "open", "id": "o", "wallet": "w"}, 1_000),
+        ({"v": 1, "op": "credit", "id": "c", "wallet": "w", "amount": 100}, 1_000),
+        ({"v": 1, "op": "reserve", "id": "h", "wallet": "w", "amount": 60, "ttl_ms": 500}, 1_000),
+        ({"v": 1, "op": "expire", "id": "expire:h", "wallet": "w", "hold": "h"}, 1_499),
+        ({"v": 1, "op": "capture", "id": "cap", "wallet": "w", "hold": "h", "amount": 10}, 1_500),
+        ({"v": 1, "op": "extend", "id": "ext", "wallet": "w", "hold": "h", "amount": 1}, 1_500),
+        ({"v": 1, "op": "expire", "id": "expire:h", "wallet": "w", "hold": "h"}, 1_500),
+        ({"v": 1, "op": "release", "id": "rel", "wallet": "w", "hold": "h"}, 1_500),
+    ]
+    decisions = decide_batch(state, [parse(record(i, c, at_ms=t), FORBIDDEN) for i, (c, t) in enumerate(commands)])
+    replies = [d.reply for d in decisions]
+    assert replies[2]["available"] == 40 and replies[2]["expires_at"] == "1970-01-01T00:00:01.500Z"
+    assert replies[3]["error"] == "hold_not_expired" and not decisions[3].stored  # may come again
+    assert [r["status"] for r in replies[4:6]] == [410, 410] and decisions[4].stored
+    assert replies[6]["ok"] and replies[6]["amount"] == 60 and replies[6]["available"] == 100
+    assert replies[7]["error"] == "hold_closed"
+
+
+def test_partial_capture_releases_the_rest_and_more_than_the_hold_is_refused():
+    _, decisions = run([
+        {"v": 1, "op": "open", "id": "o", "wallet": "w"},
+        {"v": 1, "op": "credit", "id": "c", "wallet": "w", "amount": 100},
+        {"v": 1, "op": "reserve", "id": "h", "wallet": "w", "amount": 50},
+        {"v": 1, "op": "capture", "id": "x", "wallet": "w", "hold": "h", "amount": 51},
+        {"v": 1, "op": "capture", "id": "y", "wallet": "w", "hold": "h", "amount": 20},
+    ])  # fmt: skip
+    assert decisions[3].reply["error"] == "exceeds_hold"
+    assert decisions[4].reply["balance"] == 80 and decisions[4].reply["reserved"] == 0
+
+
+def test_usage_is_priced_by_the_row_in_force_rounded_up():
+    from worker.core.model import Price
+
+    state = PartitionState(0, 0, prices={"m": [Price("m", 0, 3, 15), Price("m", 10_000, 6, 30)]})
+    usage = {"model": "m", "input_tokens": 1_000, "output_tokens": 7}
+    commands = [
+        ({"v": 1, "op": "open", "id": "o", "wallet": "w"}, 1_000),
+        ({"v": 1, "op": "credit", "id": "c", "wallet": "w", "amount": 100}, 1_000),
+        ({"v": 1, "op": "charge", "id": "a", "wallet": "w", "usage": usage}, 9_999),
+        ({"v": 1, "op": "charge", "id": "b", "wallet": "w", "usage": usage}, 10_000),
+        ({"v": 1, "op": "charge", "id": "d", "wallet": "w", "usage": {**usage, "model": "other"}}, 10_000),
+    ]
+    decisions = decide_batch(state, [parse(record(i, c, at_ms=t), FORBIDDEN) for i, (c, t) in enumerate(commands)])
+    assert decisions[2].reply["amount"] == 1  # ceil((3,000 + 105) / 1e6)
+    assert decisions[3].reply["amount"] == 1
+    assert decisions[4].reply["status"] == 422 and decisions[4].reply["error"] == "unknown_model"
+    assert not decisions[4].stored

@@ -61,10 +61,56 @@ def _parser() -> argparse.ArgumentParser:
 
     charge = commands.add_parser("charge", help="spend from a wallet; refused with 402 past its floor", parents=[output])
     charge.add_argument("wallet")
-    charge.add_argument("amount", type=int)
-    _command_options(charge)
-    charge.set_defaults(run=lambda a: _send(a, "charge", amount=a.amount))
+    _money_options(charge)
+    charge.set_defaults(run=lambda a: _send(a, "charge", **_money(a)))
+
+    reserve = commands.add_parser("reserve", help="set money aside before a call (opens a hold)", parents=[output])
+    reserve.add_argument("wallet")
+    _money_options(reserve)
+    reserve.add_argument("--ttl-ms", type=int, help="the hold's lifetime (default 300000)")
+    reserve.set_defaults(run=lambda a: _send(a, "reserve", ttl_ms=a.ttl_ms, **_money(a)))
+    extend = commands.add_parser("extend", help="grow an open hold", parents=[output])
+    extend.add_argument("wallet")
+    extend.add_argument("hold")
+    extend.add_argument("amount", type=int)
+    extend.add_argument("--ttl-ms", type=int, help="restart the hold's lifetime with this one")
+    _command_options(extend)
+    extend.set_defaults(run=lambda a: _send(a, "extend", hold=a.hold, amount=a.amount, ttl_ms=a.ttl_ms))
+    capture = commands.add_parser("capture", help="spend from a hold; the rest is released", parents=[output])
+    capture.add_argument("wallet")
+    capture.add_argument("hold")
+    _money_options(capture, required=False)
+    capture.set_defaults(run=lambda a: _send(a, "capture", hold=a.hold, **_money(a)))
+    release = commands.add_parser("release", help="give a hold back", parents=[output])
+    release.add_argument("wallet")
+    release.add_argument("hold")
+    _command_options(release)
+    release.set_defaults(run=lambda a: _send(a, "release", hold=a.hold))
+
+    price = commands.add_parser("price", help="the price table for usage").add_subparsers(required=True, metavar="ACTION")
+    add = price.add_parser("add", help="add a row: per million tokens, in the wallet's unit", parents=[output])
+    add.add_argument("model")
+    add.add_argument("--input", type=int, required=True, help="price of a million input tokens")
+    add.add_argument("--output", type=int, required=True, help="price of a million output tokens")
+    add.add_argument("--from", dest="valid_from", help="RFC 3339 start (default: a minute from now)")
+    add.set_defaults(run=_price_add)
+    price.add_parser("list", help="every row, oldest first", parents=[output]).set_defaults(run=_price_list)
     return parser
+
+
+def _money_options(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("amount", type=int, nargs=None if required else "?", help="in the wallet's unit")
+    parser.add_argument("--model", help="price usage instead of an amount: the model")
+    parser.add_argument("--input-tokens", type=int, default=0)
+    parser.add_argument("--output-tokens", type=int, default=0)
+    _command_options(parser)
+
+
+def _money(args: argparse.Namespace) -> dict[str, Any]:
+    if args.model is None:
+        return {"amount": args.amount}
+    usage = {"model": args.model, "input_tokens": args.input_tokens, "output_tokens": args.output_tokens}
+    return {"usage": usage, "amount": None}
 
 
 def _command_options(parser: argparse.ArgumentParser) -> None:
@@ -181,12 +227,73 @@ def _readable(reply: Any) -> str:
     lines = [head + (" (duplicate)" if reply.duplicate else "")]
     if reply.message:
         lines.append(f"  {reply.message}")
+    if reply.hold:
+        lines.append(f"  hold      {reply.hold} until {reply.expires_at}")
     for name in ("amount", "balance", "reserved", "available", "seq"):
         value = getattr(reply, name)
         if value is not None:
             lines.append(f"  {name:<9} {value:>22,}")
     lines.append(f"  at        {reply.at:>22}")
     return "\n".join(lines)
+
+
+PRICE_LEAD_MS = 5_000  # a new row starts at least this far ahead, so no decision already made moves
+PRICE_DEFAULT_LEAD_MS = 60_000
+
+
+def _price_add(args: argparse.Namespace) -> int:
+    from datetime import datetime, timezone
+
+    from worker.core.model import Price
+    from worker.store.store import Store
+
+    if args.valid_from:
+        start = datetime.fromisoformat(args.valid_from.replace("Z", "+00:00"))
+        valid_from_ms = int(start.astimezone(timezone.utc).timestamp() * 1000)
+    else:
+        valid_from_ms = int(datetime.now(timezone.utc).timestamp() * 1000) + PRICE_DEFAULT_LEAD_MS
+    row = Price(args.model, valid_from_ms, args.input, args.output)
+
+    async def add() -> bool:
+        store = await Store.connect(settings().database_url, pool_size_max=1)
+        try:
+            return await store.add_price(row, PRICE_LEAD_MS)
+        finally:
+            await store.close()
+
+    if not asyncio.run(add()):
+        print(f"refused: a price must start at least {PRICE_LEAD_MS} ms from now, or a row exists for that start",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_REFUSED
+    print(json.dumps(_price_json(row)) if args.json else f"added {_price_line(row)}")
+    return 0
+
+
+def _price_list(args: argparse.Namespace) -> int:
+    from worker.store.store import Store
+
+    async def rows() -> list[Any]:
+        store = await Store.connect(settings().database_url, pool_size_max=1)
+        try:
+            return await store.prices()
+        finally:
+            await store.close()
+
+    for row in asyncio.run(rows()):
+        print(json.dumps(_price_json(row)) if args.json else _price_line(row))
+    return 0
+
+
+def _price_json(row: Any) -> dict[str, Any]:
+    from worker.core.decide import format_time
+
+    return {"model": row.model, "valid_from": format_time(row.valid_from_ms), "input_price": row.input_price,
+            "output_price": row.output_price}  # fmt: skip
+
+
+def _price_line(row: Any) -> str:
+    shown = _price_json(row)
+    return f"{shown['model']:<24} from {shown['valid_from']}  input {row.input_price:,}  output {row.output_price:,}"
 
 
 def _show(args: argparse.Namespace) -> int:

@@ -9,10 +9,11 @@ go out byte for byte through the broker's own producer (see `publisher.py`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,7 +28,10 @@ from worker.adapter.processor import Processor, Rebalance
 from worker.adapter.publisher import Publisher
 from worker.adapter.topics import check_commands_topic
 from worker.config import Settings
+from worker.core.model import Hold
+from worker.core.outgoing import encode
 from worker.store.store import Store
+from worker.sweeper import BrokerClock, Sweeper, expire_command
 
 BATCH_RECORDS_MAX = 500  # records fetched at once, over all partitions
 BATCH_WAIT_MS = 5  # a lone command is fetched as soon as it lands; this bounds the idle poll
@@ -55,7 +59,20 @@ def build_app(settings: Settings) -> FastStream:
         return subscriber.consumer if subscriber is not None else None
 
     publisher = Publisher(lambda: _producer(broker), topics.dlq)
-    processor = Processor(lambda: runtime["store"], publisher, topics, consumer)
+    clock = BrokerClock()
+    processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock)
+
+    async def send_expires(holds: Sequence[Hold]) -> int | None:
+        """The sweeper's expires, to the commands topic; returns the broker's latest timestamp."""
+        producer = _producer(broker)
+        futures = [
+            await producer.send(topics.commands, value=encode(expire_command(hold)), key=hold.wallet.encode())
+            for hold in holds
+        ]
+        sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
+        return max((metadata.timestamp for metadata in sent), default=None)
+
+    sweeper = Sweeper(lambda: runtime["store"], send_expires, processor.owned, clock)
 
     subscriber = broker.subscriber(
         topics.commands,
@@ -99,9 +116,18 @@ def build_app(settings: Settings) -> FastStream:
         try:
             yield
         finally:
+            if "sweeper" in runtime:
+                runtime["sweeper"].cancel()
+                await asyncio.gather(runtime["sweeper"], return_exceptions=True)
             await runtime["store"].close()
 
-    return FastStream(broker, lifespan=lifespan)
+    app = FastStream(broker, lifespan=lifespan)
+
+    @app.after_startup
+    async def start_sweeper() -> None:  # the producer it writes with exists once the broker runs
+        runtime["sweeper"] = asyncio.create_task(sweeper.run())
+
+    return app
 
 
 def _producer(broker: KafkaBroker) -> AIOKafkaProducer:

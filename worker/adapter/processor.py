@@ -22,6 +22,7 @@ from worker.core.outgoing import Outgoing, outgoing
 from worker.core.parse import parse
 from worker.adapter.publisher import Publisher, Undeliverable
 from worker.store.store import TRANSIENT_ERRORS, Fenced, Store
+from worker.sweeper import BrokerClock
 
 INFRA_RETRIES_MAX = 8
 INFRA_BACKOFF_FIRST_S = 0.1
@@ -34,7 +35,8 @@ log = logging.getLogger("floorguard.worker")
 
 class Processor:
     def __init__(self, store: Callable[[], Store], publisher: Publisher, topics: Topics,
-                 consumer: Callable[[], AIOKafkaConsumer | None]) -> None:  # fmt: skip
+                 consumer: Callable[[], AIOKafkaConsumer | None], clock: BrokerClock) -> None:  # fmt: skip
+        self._clock = clock
         self._store_of = store  # connected in the application's lifespan
         self._publisher = publisher
         self._topics = topics
@@ -97,7 +99,13 @@ class Processor:
 
     # --- batches --------------------------------------------------------------------------------
 
+    def owned(self) -> list[int]:
+        """The partitions this worker decides now: the ones the sweeper watches."""
+        return list(self._seen)
+
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+        if records:
+            self._clock.observe(max(raw.timestamp for raw in records))
         by_partition: dict[int, list[Parsed]] = defaultdict(list)
         for raw in records:
             by_partition[raw.partition].append(parse(_record(raw), self._forbidden_reply_topics))

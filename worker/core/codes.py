@@ -18,9 +18,6 @@ class Op(StrEnum):
     EXPIRE = "expire"
 
 
-# The ops this release decides; the hold ops and usage pricing arrive with the price table.
-SUPPORTED_OPS = frozenset({Op.OPEN, Op.CREDIT, Op.CHARGE})
-
 
 class ErrorCode(Enum):
     """Refusals in the contract's order of precedence: when several apply, the first wins.

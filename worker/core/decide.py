@@ -8,23 +8,40 @@ checks it once more before a new state leaves the core.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from dataclasses import replace
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any, assert_never
 
 from worker.core.codes import SAFE_INTEGER_MAX, STATUS_OK, ErrorCode, Op
 from worker.core.model import (
+    TTL_DEFAULT_MS,
     Command,
     Decision,
+    Hold,
     Invalid,
     Parsed,
     PartitionState,
+    Price,
     Reply,
     StoredDecision,
+    Usage,
     Wallet,
 )
 
 CONTRACT_VERSION = 1
+
+
+PRICE_DIVISOR_TOKENS = 1_000_000  # prices are per million tokens
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    """An accepted command's result: the wallet after, the hold after (if any), the amount."""
+
+    wallet: Wallet
+    hold: Hold | None
+    amount: int
+    expires_at_ms: int | None = None
 
 
 def decide_batch(state: PartitionState, batch: Iterable[Parsed]) -> list[Decision]:
@@ -39,6 +56,8 @@ def decide_batch(state: PartitionState, batch: Iterable[Parsed]) -> list[Decisio
             state.wallets[decision.wallet.wallet] = decision.wallet
             key = (decision.wallet.wallet, decision.reply["id"])
             state.decisions[key] = StoredDecision(decision.fingerprint, decision.reply)
+            if decision.hold is not None:
+                state.holds[(decision.hold.wallet, decision.hold.hold)] = decision.hold
         decisions.append(decision)
     return decisions
 
@@ -49,8 +68,15 @@ def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
         reply = _reply_base(command.id, command.wallet, command.op, at_ms)
         return Decision(parsed, _refused(reply, command.error, command.message), stored=False)
 
-    wallet = state.wallets.get(command.wallet)
     reply = _reply_base(command.id, command.wallet, command.op.value, at_ms)
+    price = None
+    if command.usage is not None:
+        price = _price(state.prices.get(command.usage.model, ()), command.usage, at_ms)
+        if price is None:
+            message = f"usage.model: no price for {command.usage.model} in force at {format_time(at_ms)}"
+            return Decision(parsed, _refused(reply, ErrorCode.UNKNOWN_MODEL, message), stored=False)
+
+    wallet = state.wallets.get(command.wallet)
     if wallet is None and command.op is not Op.OPEN:
         return Decision(parsed, _refused(reply, ErrorCode.WALLET_NOT_FOUND, "no such wallet"), stored=False)
 
@@ -64,7 +90,23 @@ def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
 
     if wallet is None:
         return _open(parsed, command, reply, state.partition, fingerprint, at_ms)
-    return _apply(parsed, command, wallet, reply, fingerprint, at_ms)
+    amount = price if price is not None else command.amount
+    hold = state.holds.get((command.wallet, command.hold)) if command.hold is not None else None
+    outcome = _effect(command, amount, wallet, hold, state.partition, at_ms)
+    if outcome is ErrorCode.HOLD_NOT_EXPIRED:  # unstored, so that the sweeper may ask again
+        refusal = _refused(_with_wallet(reply, wallet), outcome, _MESSAGES[outcome])
+        return Decision(parsed, refusal, stored=False)
+    return _stored(parsed, command, wallet, outcome, reply, fingerprint, at_ms)
+
+
+def _price(rows: Sequence[Price], usage: Usage, at_ms: int) -> int | None:
+    """The cost of the usage under the row in force at `at_ms`, rounded up; None: no row."""
+    in_force = [row for row in rows if row.valid_from_ms <= at_ms]
+    if not in_force:
+        return None
+    row = max(in_force, key=lambda r: r.valid_from_ms)
+    total = usage.input_tokens * row.input_price + usage.output_tokens * row.output_price
+    return -(-total // PRICE_DIVISOR_TOKENS)
 
 
 def _open(
@@ -74,52 +116,106 @@ def _open(
     wallet = Wallet(command.wallet, balance=0, reserved=0, floor=floor, seq=1, partition=partition)
     _assert_invariant(wallet)
     accepted = {**_with_wallet(reply, wallet), "ok": True, "status": STATUS_OK, "seq": 1}
-    return Decision(parsed, accepted, True, wallet, fingerprint, command.memo, at_ms)
+    return Decision(parsed, accepted, True, wallet, None, fingerprint, command.memo, at_ms)
 
 
-def _apply(
-    parsed: Parsed, command: Command, wallet: Wallet, reply: Reply, fingerprint: str, at_ms: int
-) -> Decision:
+def _stored(parsed: Parsed, command: Command, wallet: Wallet, outcome: Effect | ErrorCode, reply: Reply,
+            fingerprint: str, at_ms: int) -> Decision:  # fmt: skip
     """A stored decision on an existing wallet: accepted or refused, it takes the next seq."""
-    outcome = _effect(command, wallet)
     seq = wallet.seq + 1
     if isinstance(outcome, ErrorCode):
         after = replace(wallet, seq=seq)
         refusal = {**_refused(_with_wallet(reply, after), outcome, _MESSAGES[outcome]), "seq": seq}
-        return Decision(parsed, refusal, True, after, fingerprint, command.memo, at_ms)
-    after = replace(outcome, seq=seq)
+        return Decision(parsed, refusal, True, after, None, fingerprint, command.memo, at_ms)
+    after = replace(outcome.wallet, seq=seq)
     _assert_invariant(after)
-    accepted = {**_with_wallet(reply, after), "ok": True, "status": STATUS_OK, "seq": seq}
-    accepted["amount"] = command.amount
-    return Decision(parsed, accepted, True, after, fingerprint, command.memo, at_ms)
+    accepted = {**_with_wallet(reply, after), "ok": True, "status": STATUS_OK, "seq": seq, "amount": outcome.amount}
+    if outcome.expires_at_ms is not None:
+        accepted["hold"] = command.id if command.op is Op.RESERVE else command.hold
+        accepted["expires_at"] = format_time(outcome.expires_at_ms)
+    return Decision(parsed, accepted, True, after, outcome.hold, fingerprint, command.memo, at_ms)
 
 
-def _effect(command: Command, wallet: Wallet) -> Wallet | ErrorCode:
-    """The wallet after the command, or the refusal. Checks in the contract's precedence."""
+def _effect(command: Command, amount: int | None, wallet: Wallet, hold: Hold | None, partition: int,
+            at_ms: int) -> Effect | ErrorCode:  # fmt: skip
+    """The result of the command, or the refusal. Checks in the contract's precedence."""
     match command.op:
         case Op.OPEN:
             return ErrorCode.WALLET_EXISTS
         case Op.CREDIT:
-            assert command.amount is not None and command.amount >= 1
-            balance = wallet.balance + command.amount
-            if balance > SAFE_INTEGER_MAX or balance - wallet.reserved - wallet.floor > SAFE_INTEGER_MAX:
+            assert amount is not None and amount >= 1
+            balance = wallet.balance + amount
+            # balance − floor is what `available` becomes once every hold is released.
+            if balance > SAFE_INTEGER_MAX or balance - wallet.floor > SAFE_INTEGER_MAX:
                 return ErrorCode.BALANCE_OVERFLOW
-            return replace(wallet, balance=balance)
+            return Effect(replace(wallet, balance=balance), None, amount)
         case Op.CHARGE:
-            assert command.amount is not None and command.amount >= 1
-            if command.amount > wallet.available:
+            assert amount is not None and amount >= 0
+            if amount > wallet.available:
                 return ErrorCode.INSUFFICIENT_FUNDS
-            return replace(wallet, balance=wallet.balance - command.amount)
-        case Op.RESERVE | Op.EXTEND | Op.CAPTURE | Op.RELEASE | Op.EXPIRE:
-            raise AssertionError(f"{command.op} passed the parser but is not decided yet")
+            return Effect(replace(wallet, balance=wallet.balance - amount), None, amount)
+        case Op.RESERVE:
+            assert amount is not None
+            if amount > wallet.available:
+                return ErrorCode.INSUFFICIENT_FUNDS
+            if wallet.reserved + amount > SAFE_INTEGER_MAX:
+                return ErrorCode.BALANCE_OVERFLOW
+            expires_at_ms = at_ms + (command.ttl_ms if command.ttl_ms is not None else TTL_DEFAULT_MS)
+            opened = Hold(command.wallet, command.id, amount, expires_at_ms, True, partition)
+            return Effect(replace(wallet, reserved=wallet.reserved + amount), opened, amount, expires_at_ms)
+        case Op.EXTEND | Op.CAPTURE | Op.RELEASE | Op.EXPIRE:
+            return _hold_effect(command, amount, wallet, hold, at_ms)
         case _:
             assert_never(command.op)
 
 
+def _hold_effect(command: Command, amount: int | None, wallet: Wallet, hold: Hold | None,
+                 at_ms: int) -> Effect | ErrorCode:  # fmt: skip
+    if hold is None:
+        return ErrorCode.HOLD_NOT_FOUND
+    if not hold.open:
+        return ErrorCode.HOLD_CLOSED
+    expired = at_ms >= hold.expires_at_ms
+    closed = replace(hold, open=False)
+    released = replace(wallet, reserved=wallet.reserved - hold.amount)
+    match command.op:
+        case Op.EXTEND:
+            assert amount is not None and amount >= 1
+            if expired:
+                return ErrorCode.HOLD_EXPIRED
+            if amount > wallet.available:
+                return ErrorCode.INSUFFICIENT_FUNDS
+            if hold.amount + amount > SAFE_INTEGER_MAX or wallet.reserved + amount > SAFE_INTEGER_MAX:
+                return ErrorCode.BALANCE_OVERFLOW
+            expires_at_ms = at_ms + command.ttl_ms if command.ttl_ms is not None else hold.expires_at_ms
+            grown = replace(hold, amount=hold.amount + amount, expires_at_ms=expires_at_ms)
+            return Effect(replace(wallet, reserved=wallet.reserved + amount), grown, amount, expires_at_ms)
+        case Op.CAPTURE:
+            if expired:
+                return ErrorCode.HOLD_EXPIRED
+            captured = hold.amount if amount is None else amount
+            if captured > hold.amount:
+                return ErrorCode.EXCEEDS_HOLD
+            return Effect(replace(released, balance=wallet.balance - captured), closed, captured)
+        case Op.RELEASE:
+            return Effect(released, closed, hold.amount)
+        case Op.EXPIRE:
+            if not expired:
+                return ErrorCode.HOLD_NOT_EXPIRED
+            return Effect(released, closed, hold.amount)
+        case _:
+            raise AssertionError(f"{command.op} names no hold")
+
+
 _MESSAGES = {
     ErrorCode.WALLET_EXISTS: "the wallet already exists",
+    ErrorCode.HOLD_NOT_FOUND: "no such hold in this wallet",
+    ErrorCode.HOLD_CLOSED: "the hold was already captured, released or expired",
+    ErrorCode.HOLD_EXPIRED: "the hold expired",
+    ErrorCode.HOLD_NOT_EXPIRED: "the hold has not expired yet",
+    ErrorCode.EXCEEDS_HOLD: "the capture exceeds the hold",
     ErrorCode.INSUFFICIENT_FUNDS: "the amount exceeds what is available",
-    ErrorCode.BALANCE_OVERFLOW: f"the balance or available would pass {SAFE_INTEGER_MAX}",
+    ErrorCode.BALANCE_OVERFLOW: f"the balance, a hold or available would pass {SAFE_INTEGER_MAX}",
 }
 
 

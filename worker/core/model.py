@@ -31,6 +31,18 @@ class ReplyAddress:
     partition: int | None = None
 
 
+TTL_DEFAULT_MS = 300_000
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens a model call used (or is estimated to use), priced by the price table."""
+
+    model: str
+    input_tokens: int
+    output_tokens: int
+
+
 @dataclass(frozen=True, slots=True)
 class Command:
     """A well-formed command. Fields an op does not take are None."""
@@ -39,7 +51,10 @@ class Command:
     id: str
     wallet: str
     amount: int | None = None
+    usage: Usage | None = None
     floor: int | None = None
+    hold: str | None = None
+    ttl_ms: int | None = None
     memo: str | None = None
 
     def request(self) -> dict[str, Any]:
@@ -47,8 +62,17 @@ class Command:
         request: dict[str, Any] = {"v": 1, "op": self.op.value, "id": self.id, "wallet": self.wallet}
         if self.amount is not None:
             request["amount"] = self.amount
+        if self.usage is not None:
+            request["usage"] = {"model": self.usage.model, "input_tokens": self.usage.input_tokens,
+                                "output_tokens": self.usage.output_tokens}  # fmt: skip
         if self.op is Op.OPEN:
             request["floor"] = self.floor if self.floor is not None else 0
+        if self.hold is not None:
+            request["hold"] = self.hold
+        if self.op is Op.RESERVE:
+            request["ttl_ms"] = self.ttl_ms if self.ttl_ms is not None else TTL_DEFAULT_MS
+        elif self.ttl_ms is not None:  # extend: a given ttl_ms restarts the lifetime, none keeps it
+            request["ttl_ms"] = self.ttl_ms
         return request
 
     def fingerprint(self) -> str:
@@ -105,6 +129,28 @@ class Wallet:
 
 
 @dataclass(frozen=True, slots=True)
+class Hold:
+    """Money set aside by a `reserve`, named by that command's id within its wallet."""
+
+    wallet: str
+    hold: str
+    amount: int
+    expires_at_ms: int
+    open: bool
+    partition: int
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """One row of the price table: per million tokens, in the wallet's unit, from a time on."""
+
+    model: str
+    valid_from_ms: int
+    input_price: int
+    output_price: int
+
+
+@dataclass(frozen=True, slots=True)
 class StoredDecision:
     """What the idempotency check needs of a decision made earlier under the same (wallet, id)."""
 
@@ -124,6 +170,7 @@ class Decision:
     reply: Reply
     stored: bool
     wallet: Wallet | None = None
+    hold: Hold | None = None  # the hold's state after the decision, when it opened or changed one
     fingerprint: str | None = None
     memo: str | None = None
     at_ms: int = 0
@@ -141,3 +188,5 @@ class PartitionState:
     clock_ms: int
     wallets: dict[str, Wallet] = field(default_factory=dict)
     decisions: dict[tuple[str, str], StoredDecision] = field(default_factory=dict)
+    holds: dict[tuple[str, str], Hold] = field(default_factory=dict)  # (wallet, hold)
+    prices: dict[str, list[Price]] = field(default_factory=dict)  # model -> rows by valid_from_ms

@@ -11,13 +11,15 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from worker.core.codes import SAFE_INTEGER_MAX, SUPPORTED_OPS, Op
-from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress
+from worker.core.codes import SAFE_INTEGER_MAX, Op
+from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress, Usage
 
 VALUE_SIZE_MAX_BYTES = 16 * 1024
 MEMO_LENGTH_MAX_CHARS = 256
 CORRELATION_ID_SIZE_MAX_BYTES = 255
 TOPIC_NAME_LENGTH_MAX_CHARS = 249
+MODEL_LENGTH_MAX_CHARS = 128
+TTL_MAX_MS = 86_400_000
 INTEGER_DIGITS_MAX = 20  # far past 2^53; stops a 16 KiB number before Python's int parser sees it
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
@@ -32,7 +34,7 @@ OP_FIELDS: dict[Op, dict[str, bool]] = {
     Op.CHARGE: {"amount": False, "usage": False},
     Op.RESERVE: {"amount": False, "usage": False, "ttl_ms": False},
     Op.EXTEND: {"hold": True, "amount": True, "ttl_ms": False},
-    Op.CAPTURE: {"hold": True, "amount": False},
+    Op.CAPTURE: {"hold": True, "amount": False, "usage": False},
     Op.RELEASE: {"hold": True},
     Op.EXPIRE: {"hold": True},
 }
@@ -209,7 +211,10 @@ def _fields_to_command(fields: dict[str, Any]) -> Command:
     if type(fields["v"]) is not int or fields["v"] != 1:
         raise _Malformed("v", "must be 1")
     op = _op(fields)
-    command_id = _id(fields, "id")
+    command_id = _id(fields, "id") if op is not Op.EXPIRE else _expire_id(fields)
+    if op is not Op.EXPIRE and command_id.startswith("expire:"):
+        # Else a command could take the id of a hold's expire and keep that hold from expiring.
+        raise _Malformed("id", "the prefix expire: is reserved for the sweeper's expire")
     wallet = _id(fields, "wallet")
     taken = OP_FIELDS[op]
     for name in ("amount", "usage", "floor", "hold", "ttl_ms"):
@@ -218,15 +223,49 @@ def _fields_to_command(fields: dict[str, Any]) -> Command:
     for name, required in taken.items():
         if required and name not in fields:
             raise _Malformed(name, "required")
-    if op not in SUPPORTED_OPS:
-        raise _Malformed("op", f"{op.value} is not supported by this worker yet")
-    if "usage" in fields:
-        raise _Malformed("usage", "not supported by this worker yet")
-    amount = _money(fields, "amount", minimum=1, maximum=SAFE_INTEGER_MAX)
-    if op is Op.CHARGE and amount is None:
-        raise _Malformed("amount", "required")
+    capture = op is Op.CAPTURE
+    amount = _money(fields, "amount", minimum=0 if capture else 1, maximum=SAFE_INTEGER_MAX)
+    usage = _usage(fields)
+    if amount is not None and usage is not None:
+        raise _Malformed("usage", "give amount or usage, not both")
+    if op in (Op.CHARGE, Op.RESERVE) and amount is None and usage is None:
+        raise _Malformed("amount", "required (or usage)")
     floor = _money(fields, "floor", minimum=-SAFE_INTEGER_MAX, maximum=0)
-    return Command(op, command_id, wallet, amount=amount, floor=floor, memo=_memo(fields))
+    hold = _id(fields, "hold") if "hold" in fields else None
+    if op is Op.EXPIRE and command_id != f"expire:{hold}":
+        raise _Malformed("id", "must be expire:<hold>")
+    ttl_ms = _money(fields, "ttl_ms", minimum=1, maximum=TTL_MAX_MS)
+    return Command(op, command_id, wallet, amount=amount, usage=usage, floor=floor, hold=hold, ttl_ms=ttl_ms,
+                   memo=_memo(fields))  # fmt: skip
+
+
+def _expire_id(fields: dict[str, Any]) -> str:
+    """The sweeper's id, `expire:` and the hold's id: the one id past the common pattern."""
+    value = fields.get("id")
+    if "id" not in fields:
+        raise _Malformed("id", "required")
+    if not isinstance(value, str) or not value.startswith("expire:") or _valid_id(value[7:]) is None:
+        raise _Malformed("id", "must be expire:<hold>")
+    return value
+
+
+def _usage(fields: dict[str, Any]) -> Usage | None:
+    if "usage" not in fields:
+        return None
+    usage = fields["usage"]
+    if not isinstance(usage, dict):
+        raise _Malformed("usage", "must be an object")
+    for name in usage:
+        if name not in ("model", "input_tokens", "output_tokens"):
+            raise _Malformed(f"usage.{_field_name(name)}", "unknown field")
+    model = usage.get("model")
+    if not isinstance(model, str) or not 1 <= len(model) <= MODEL_LENGTH_MAX_CHARS or not model.isprintable():
+        raise _Malformed("usage.model", f"must be a printable string of 1 … {MODEL_LENGTH_MAX_CHARS} characters")
+    tokens = [_money(usage, name, minimum=0, maximum=SAFE_INTEGER_MAX, path="usage.") for name in ("input_tokens", "output_tokens")]
+    if tokens[0] is None or tokens[1] is None:
+        missing = "usage.input_tokens" if tokens[0] is None else "usage.output_tokens"
+        raise _Malformed(missing, "required")
+    return Usage(model, tokens[0], tokens[1])
 
 
 def _field_name(name: str) -> str:
@@ -253,14 +292,15 @@ def _id(fields: dict[str, Any], name: str) -> str:
     return value
 
 
-def _money(fields: dict[str, Any], name: str, *, minimum: int, maximum: int) -> int | None:
+def _money(fields: dict[str, Any], name: str, *, minimum: int, maximum: int, path: str = "") -> int | None:
+    """An integer field (money, tokens, milliseconds) within its bounds."""
     if name not in fields:
         return None
     value = fields[name]
     if type(value) is not int:  # bool is an int subclass, and is refused here too
-        raise _Malformed(name, "must be a JSON integer (no fraction, exponent, string or null)")
+        raise _Malformed(path + name, "must be a JSON integer (no fraction, exponent, string or null)")
     if not minimum <= value <= maximum:
-        raise _Malformed(name, f"must lie within {minimum} … {maximum}")
+        raise _Malformed(path + name, f"must lie within {minimum} … {maximum}")
     return value
 
 

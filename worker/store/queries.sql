@@ -86,3 +86,41 @@ SELECT version FROM schema_migrations ORDER BY version;
 
 -- name: migration_record
 INSERT INTO schema_migrations (version) VALUES ($1);
+
+-- name: load_holds
+SELECT h.wallet, h.hold, h.amount, h.expires_at_ms, h.open, h.partition
+FROM holds AS h
+JOIN unnest($1::text[], $2::text[]) AS k (wallet, hold) ON h.wallet = k.wallet AND h.hold = k.hold;
+
+-- name: upsert_holds
+INSERT INTO holds (wallet, hold, amount, expires_at_ms, open, partition)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::boolean[], $6::integer[])
+ON CONFLICT (wallet, hold) DO UPDATE
+SET amount = excluded.amount, expires_at_ms = excluded.expires_at_ms, open = excluded.open;
+
+-- name: load_prices
+SELECT model, valid_from_ms, input_price, output_price FROM prices WHERE model = ANY($1::text[]);
+
+-- name: add_price
+-- The start must lie ahead of the database's clock (by $5 ms at least), so that no decision
+-- already made falls under the new row.
+INSERT INTO prices (model, valid_from_ms, input_price, output_price)
+SELECT $1, $2, $3, $4
+WHERE $2 >= (extract(epoch FROM clock_timestamp()) * 1000)::bigint + $5
+RETURNING valid_from_ms;
+
+-- name: list_prices
+SELECT model, valid_from_ms, input_price, output_price FROM prices ORDER BY model, valid_from_ms;
+
+-- name: expired_holds
+-- Open holds of the given partitions whose expiry has passed by the given broker time.
+SELECT wallet, hold, partition, expires_at_ms FROM holds
+WHERE open AND partition = ANY($1::integer[]) AND expires_at_ms <= $2
+ORDER BY expires_at_ms
+LIMIT $3;
+
+-- name: earliest_open_hold
+SELECT wallet, hold, partition, expires_at_ms FROM holds
+WHERE open AND partition = ANY($1::integer[])
+ORDER BY expires_at_ms
+LIMIT 1;

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from worker.core.decide import decide_batch
-from worker.core.model import Command, Decision, Parsed, PartitionState, StoredDecision, Wallet
+from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
 from worker.store.queries import QUERIES
 
@@ -102,6 +102,7 @@ class Store:
             before = dict(state.wallets)
             decisions = decide_batch(state, fresh)
             await self._write_wallets(connection, before, state.wallets)
+            await self._write_holds(connection, [d.hold for d in decisions if d.stored and d.hold is not None])
             await self._write_decisions(connection, [d for d in decisions if d.stored])
             outbox = await self._write_outbox(connection, topic, partition, decisions, render)
             status = await connection.execute(
@@ -125,6 +126,16 @@ class Store:
         )
         for row in rows:
             state.decisions[(row["wallet"], row["id"])] = StoredDecision(row["fingerprint"], json.loads(row["reply"]))
+        commands = [p.command for p in batch if isinstance(p.command, Command)]
+        holds = sorted({(c.wallet, c.hold) for c in commands if c.hold is not None})
+        if holds:
+            rows = await connection.fetch(QUERIES["load_holds"], [w for w, _ in holds], [h for _, h in holds])
+            for row in rows:
+                state.holds[(row["wallet"], row["hold"])] = Hold(**dict(row))
+        models = sorted({c.usage.model for c in commands if c.usage is not None})
+        if models:
+            for row in await connection.fetch(QUERIES["load_prices"], models):
+                state.prices.setdefault(row["model"], []).append(Price(**dict(row)))
         return state
 
     async def _write_wallets(
@@ -154,6 +165,20 @@ class Store:
         )
         if status != f"UPDATE {len(moved)}":
             raise GuardRefused(f"guarded update changed {status!r} of {len(moved)} wallets")
+
+    async def _write_holds(self, connection: asyncpg.Connection, holds: list[Hold]) -> None:
+        latest = {(h.wallet, h.hold): h for h in holds}  # a batch may change one hold twice
+        if not latest:
+            return
+        await connection.execute(
+            QUERIES["upsert_holds"],
+            [h.wallet for h in latest.values()],
+            [h.hold for h in latest.values()],
+            [h.amount for h in latest.values()],
+            [h.expires_at_ms for h in latest.values()],
+            [h.open for h in latest.values()],
+            [h.partition for h in latest.values()],
+        )
 
     async def _write_decisions(self, connection: asyncpg.Connection, stored: list[Decision]) -> None:
         if not stored:
@@ -211,6 +236,28 @@ class Store:
         if positions:
             async with self._pool.acquire() as connection:
                 await connection.execute(QUERIES["delete_outbox"], list(positions))
+
+    async def add_price(self, price: Price, lead_ms: int) -> bool:
+        """Add a row of the price table; False when its start is not at least `lead_ms` ahead."""
+        async with self._pool.acquire() as connection:
+            row = await connection.fetchrow(
+                QUERIES["add_price"], price.model, price.valid_from_ms, price.input_price, price.output_price, lead_ms
+            )
+        return row is not None
+
+    async def prices(self) -> list[Price]:
+        async with self._pool.acquire() as connection:
+            return [Price(**dict(row)) for row in await connection.fetch(QUERIES["list_prices"])]
+
+    async def expired_holds(self, partitions: Sequence[int], broker_now_ms: int, limit: int) -> list[Hold]:
+        async with self._pool.acquire() as connection:
+            rows = await connection.fetch(QUERIES["expired_holds"], list(partitions), broker_now_ms, limit)
+        return [Hold(r["wallet"], r["hold"], 0, r["expires_at_ms"], True, r["partition"]) for r in rows]
+
+    async def earliest_open_hold(self, partitions: Sequence[int]) -> Hold | None:
+        async with self._pool.acquire() as connection:
+            row = await connection.fetchrow(QUERIES["earliest_open_hold"], list(partitions))
+        return None if row is None else Hold(row["wallet"], row["hold"], 0, row["expires_at_ms"], True, row["partition"])
 
     async def show_wallet(self, wallet: str) -> Wallet | None:
         async with self._pool.acquire() as connection:

@@ -19,12 +19,13 @@ from floorguard.errors import (
     WalletExists,
     WalletNotFound,
 )
-from floorguard.ledger import Ledger
+from floorguard.ledger import HeldCall, Ledger
 from floorguard.reply import Reply
+from floorguard.usage import Usage, usage_from
 
 __all__ = [
     "BalanceOverflow", "ExceedsHold", "Forbidden", "HoldClosed", "HoldExpired", "HoldNotExpired",
-    "HoldNotFound", "IdempotencyConflict", "InsufficientFunds", "InvalidCommand", "Ledger",
+    "HeldCall", "HoldNotFound", "IdempotencyConflict", "InsufficientFunds", "InvalidCommand", "Ledger",
     "LedgerError", "Refused", "Reply", "ReplyTimeout", "Unauthenticated", "UnknownModel",
-    "WalletExists", "WalletNotFound",
+    "Usage", "WalletExists", "WalletNotFound", "usage_from",
 ]  # fmt: skip

@@ -12,6 +12,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from floorguard.errors import ReplyTimeout, refusal
 from floorguard.reply import Reply
+from floorguard.usage import Usage
 
 CONTRACT_VERSION = 1
 TIMEOUT_DEFAULT_S = 10.0
@@ -88,6 +89,35 @@ class Ledger:
     async def charge(self, wallet: str, amount: int, *, id: str | None = None, memo: str | None = None) -> Reply:
         return await self.send(build_command("charge", wallet, id, memo, amount=amount))
 
+    async def reserve(self, wallet: str, amount: int | None = None, *, usage: Usage | None = None,
+                      ttl_ms: int | None = None, id: str | None = None, memo: str | None = None) -> Reply:  # fmt: skip
+        """Set money aside before a call; by amount, or by a usage estimate priced by the ledger."""
+        return await self.send(build_command("reserve", wallet, id, memo, amount=amount, ttl_ms=ttl_ms,
+                                             usage=usage.as_wire() if usage else None))  # fmt: skip
+
+    async def extend(self, wallet: str, hold: str, amount: int, *, ttl_ms: int | None = None,
+                     id: str | None = None, memo: str | None = None) -> Reply:  # fmt: skip
+        return await self.send(build_command("extend", wallet, id, memo, hold=hold, amount=amount, ttl_ms=ttl_ms))
+
+    async def capture(self, wallet: str, hold: str, amount: int | None = None, *, usage: Usage | None = None,
+                      id: str | None = None, memo: str | None = None) -> Reply:  # fmt: skip
+        """Spend from a hold (default: all of it); what is left of the hold is released."""
+        return await self.send(build_command("capture", wallet, id, memo, hold=hold, amount=amount,
+                                             usage=usage.as_wire() if usage else None))  # fmt: skip
+
+    async def release(self, wallet: str, hold: str, *, id: str | None = None, memo: str | None = None) -> Reply:
+        return await self.send(build_command("release", wallet, id, memo, hold=hold))
+
+    def hold(self, wallet: str, estimate: int | None = None, *, usage: Usage | None = None,
+             ttl_ms: int | None = None) -> HeldCall:  # fmt: skip
+        """`async with ledger.hold(wallet, estimate=…) as hold:` reserve → call → capture.
+
+        The body records what the call cost (`hold.cost(amount)` or `hold.usage(usage_from(r))`);
+        on a clean exit that is captured, on an exception the hold is released. Streams grow the
+        hold as they go with `await hold.extend(amount)`.
+        """
+        return HeldCall(self, wallet, estimate, usage, ttl_ms)
+
     async def send(self, command: dict[str, Any], *, raise_on_refusal: bool = True) -> Reply:
         """Send one command and return its reply; a refusal raises its typed error by default.
 
@@ -132,6 +162,46 @@ class Ledger:
         if future is None or future.done():
             return
         future.set_result(Reply.model_validate_json(value or b"{}"))
+
+
+class HeldCall:
+    """The reserve → call → capture pattern as a context manager; see `Ledger.hold`."""
+
+    def __init__(self, ledger: Ledger, wallet: str, estimate: int | None, usage: Usage | None,
+                 ttl_ms: int | None) -> None:  # fmt: skip
+        assert (estimate is None) != (usage is None), "give an estimate or a usage estimate"
+        self._ledger, self.wallet = ledger, wallet
+        self._estimate, self._estimated_usage, self._ttl_ms = estimate, usage, ttl_ms
+        self.id = ""
+        self.reserved: Reply | None = None
+        self.closed: Reply | None = None
+        self._cost: int | None = None
+        self._usage: Usage | None = None
+
+    async def __aenter__(self) -> HeldCall:
+        self.reserved = await self._ledger.reserve(self.wallet, self._estimate, usage=self._estimated_usage,
+                                                   ttl_ms=self._ttl_ms)  # fmt: skip
+        self.id = self.reserved.hold or self.reserved.id or ""
+        return self
+
+    def cost(self, amount: int) -> None:
+        """What the call cost, in the wallet's unit: captured on a clean exit."""
+        self._cost, self._usage = amount, None
+
+    def usage(self, usage: Usage) -> None:
+        """What the call used: priced by the ledger's table and captured on a clean exit."""
+        self._usage, self._cost = usage, None
+
+    async def extend(self, amount: int, *, ttl_ms: int | None = None) -> Reply:
+        return await self._ledger.extend(self.wallet, self.id, amount, ttl_ms=ttl_ms)
+
+    async def __aexit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                        trace: TracebackType | None) -> None:  # fmt: skip
+        if kind is not None:
+            self.closed = await self._ledger.release(self.wallet, self.id)
+            return
+        # Nothing recorded means the whole estimate was spent: the safe reading for a budget.
+        self.closed = await self._ledger.capture(self.wallet, self.id, self._cost, usage=self._usage)
 
 
 def build_command(op: str, wallet: str, command_id: str | None, memo: str | None, **fields: Any) -> dict[str, Any]:
