@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint stack-up stack-down clean
+.PHONY: run test test-tools lint stack-up stack-down clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,14 @@ run: $(STAMP)
 
 ## test: the whole suite against a real Kafka and a real PostgreSQL (started if not named by
 ## FLOORGUARD_KAFKA_BOOTSTRAP and FLOORGUARD_DATABASE_URL).
-test: $(STAMP) lint
+test: $(STAMP) lint test-tools
 	$(BIN)/python -m pytest
+
+# The clock-skew test runs a worker under faketime (Debian package faketime).
+test-tools:
+	@command -v faketime >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y faketime >/dev/null; }
+	@command -v faketime >/dev/null || { echo "the clock-skew test needs the Debian package faketime"; exit 1; }
 
 ## lint: the architecture's import rules (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)

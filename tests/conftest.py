@@ -114,8 +114,10 @@ class Workers:
 
     def start(self, **extra_env: str) -> subprocess.Popen:
         log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
+        # `_WRAPPER` runs the worker under another program (e.g. faketime) with `_WRAPPER_ARGS`.
+        wrapper = [extra_env.pop("_WRAPPER"), *extra_env.pop("_WRAPPER_ARGS", "").split()] if "_WRAPPER" in extra_env else []
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker"],
+            [*wrapper, sys.executable, "-m", "worker.cli", "worker"],
             cwd=ROOT,
             env=worker_env(self.settings, **extra_env),
             stdout=log,

@@ -10,10 +10,12 @@ ENV_DATABASE_URL = "FLOORGUARD_DATABASE_URL"
 ENV_TOPIC_PREFIX = "FLOORGUARD_TOPIC_PREFIX"
 ENV_GROUP_ID = "FLOORGUARD_GROUP_ID"
 ENV_PARTITIONS = "FLOORGUARD_PARTITIONS"
+ENV_SWEEP_INTERVAL_MS = "FLOORGUARD_SWEEP_INTERVAL_MS"
 
 TOPIC_PREFIX_DEFAULT = "floorguard"
 GROUP_ID_DEFAULT = "floorguard-worker"
 PARTITIONS_DEFAULT = 8
+SWEEP_INTERVAL_DEFAULT_MS = 250  # how often a worker looks for expired holds; 0 turns its sweeper off
 
 # The embedded local default (`floorguard stack up`): loopback only, ports chosen to stay clear
 # of a Kafka or PostgreSQL the user may already run on the standard ports.
@@ -57,6 +59,7 @@ class Settings:
     topics: Topics
     group_id: str
     partitions: int
+    sweep_interval_ms: int = SWEEP_INTERVAL_DEFAULT_MS
 
     @classmethod
     def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
@@ -66,6 +69,7 @@ class Settings:
             topics=Topics(os.environ.get(ENV_TOPIC_PREFIX, TOPIC_PREFIX_DEFAULT)),
             group_id=os.environ.get(ENV_GROUP_ID, GROUP_ID_DEFAULT),
             partitions=int(os.environ.get(ENV_PARTITIONS, PARTITIONS_DEFAULT)),
+            sweep_interval_ms=int(os.environ.get(ENV_SWEEP_INTERVAL_MS, SWEEP_INTERVAL_DEFAULT_MS)),
         )
 
 

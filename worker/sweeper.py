@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from worker.core.model import Hold
 from worker.store.store import TRANSIENT_ERRORS, Store
 
-SWEEP_INTERVAL_S = 0.25
 RESEND_AFTER_S = 5.0  # an expire not yet decided is written again after this long
 SWEEP_BATCH_MAX = 1_000  # expires written per sweep
 SENT_MEMORY_MAX = 100_000  # holds remembered as recently sent
@@ -53,7 +52,9 @@ SendExpires = Callable[[Sequence[Hold]], Awaitable[int | None]]  # returns a bro
 
 class Sweeper:
     def __init__(self, store: Callable[[], Store], send: SendExpires, owned: Callable[[], Sequence[int]],
-                 clock: BrokerClock) -> None:  # fmt: skip
+                 clock: BrokerClock, interval_ms: int) -> None:  # fmt: skip
+        assert interval_ms > 0
+        self._interval_s = interval_ms / 1000
         self._store_of = store
         self._send = send
         self._owned = owned
@@ -66,7 +67,7 @@ class Sweeper:
                 await self.sweep()
             except (*TRANSIENT_ERRORS, asyncio.TimeoutError) as error:
                 log.warning("sweep failed, trying again: %r", error)
-            await asyncio.sleep(SWEEP_INTERVAL_S)
+            await asyncio.sleep(self._interval_s)
 
     async def sweep(self) -> int:
         """Write the expires that are due; return how many were written."""

@@ -72,7 +72,9 @@ def build_app(settings: Settings) -> FastStream:
         sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
         return max((metadata.timestamp for metadata in sent), default=None)
 
-    sweeper = Sweeper(lambda: runtime["store"], send_expires, processor.owned, clock)
+    sweeper = None
+    if settings.sweep_interval_ms > 0:
+        sweeper = Sweeper(lambda: runtime["store"], send_expires, processor.owned, clock, settings.sweep_interval_ms)
 
     subscriber = broker.subscriber(
         topics.commands,
@@ -125,7 +127,8 @@ def build_app(settings: Settings) -> FastStream:
 
     @app.after_startup
     async def start_sweeper() -> None:  # the producer it writes with exists once the broker runs
-        runtime["sweeper"] = asyncio.create_task(sweeper.run())
+        if sweeper is not None:
+            runtime["sweeper"] = asyncio.create_task(sweeper.run())
 
     return app
 

@@ -89,6 +89,10 @@ class Ledger:
     async def charge(self, wallet: str, amount: int, *, id: str | None = None, memo: str | None = None) -> Reply:
         return await self.send(build_command("charge", wallet, id, memo, amount=amount))
 
+    async def charge_usage(self, wallet: str, usage: Usage, *, id: str | None = None, memo: str | None = None) -> Reply:
+        """Charge what a model call used, priced by the ledger's table (`usage_from(response)`)."""
+        return await self.send(build_command("charge", wallet, id, memo, usage=usage.as_wire()))
+
     async def reserve(self, wallet: str, amount: int | None = None, *, usage: Usage | None = None,
                       ttl_ms: int | None = None, id: str | None = None, memo: str | None = None) -> Reply:  # fmt: skip
         """Set money aside before a call; by amount, or by a usage estimate priced by the ledger."""
