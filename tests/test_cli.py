@@ -43,3 +43,29 @@ def test_stack_up_prints_exactly_two_exports_when_the_services_are_named(setting
     assert result.returncode == 0 and len(lines) == 2
     assert lines[0] == f"export FLOORGUARD_KAFKA_BOOTSTRAP={settings.kafka_bootstrap}"
     assert lines[1].startswith("export FLOORGUARD_DATABASE_URL=")
+
+
+async def test_holds_and_prices_from_the_command_line(workers, ledger, settings):
+    workers.start()
+    await wait_until_serving(ledger)
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return floorguard(settings, *args)
+
+    await ledger.open("cli-h")
+    await ledger.credit("cli-h", 1_000)
+    reserved = json.loads((await asyncio.to_thread(run, "--json", "reserve", "cli-h", "300", "--id", "job-1")).stdout)
+    assert reserved["hold"] == "job-1" and reserved["available"] == 700
+    extended = await asyncio.to_thread(run, "extend", "cli-h", "job-1", "100", "--json")
+    assert json.loads(extended.stdout)["reserved"] == 400
+    captured = await asyncio.to_thread(run, "capture", "cli-h", "job-1", "250", "--json")
+    assert json.loads(captured.stdout)["balance"] == 750
+    closed = await asyncio.to_thread(run, "release", "cli-h", "job-1")
+    assert closed.returncode == 1 and "hold_closed" in closed.stdout
+    added = await asyncio.to_thread(run, "price", "add", "model-y", "--input", "3", "--output", "15")
+    assert added.returncode == 0, added.stderr
+    too_soon = await asyncio.to_thread(run, "price", "add", "model-y", "--input", "1", "--output", "1",
+                                       "--from", "2020-01-01T00:00:00Z")  # fmt: skip
+    assert too_soon.returncode == 1
+    listed = await asyncio.to_thread(run, "price", "list", "--json")
+    assert [json.loads(line)["model"] for line in listed.stdout.splitlines()] == ["model-y"]
