@@ -87,6 +87,18 @@ def _parser() -> argparse.ArgumentParser:
     _command_options(release)
     release.set_defaults(run=lambda a: _send(a, "release", hold=a.hold))
 
+    audit = commands.add_parser("audit", help="check the database and the events topic against the invariants")
+    audit.add_argument("--events-topic", help="audit this copy of the events topic instead")
+    audit.set_defaults(run=_audit)
+    replay = commands.add_parser("replay", help="rebuild a ledger from the commands topic")
+    replay.add_argument("--into", required=True, metavar="DATABASE_URL", help="an empty database to rebuild into")
+    replay.add_argument("--verify", action="store_true", help="compare every decision and wallet with the live ledger")
+    replay.set_defaults(run=_replay)
+    tail = commands.add_parser("tail", help="follow the decisions on the events topic", parents=[output])
+    tail.add_argument("--wallet", help="only this wallet's")
+    tail.add_argument("--from-beginning", action="store_true", help="start at the oldest event, not now")
+    tail.set_defaults(run=_tail)
+
     price = commands.add_parser("price", help="the price table for usage").add_subparsers(required=True, metavar="ACTION")
     add = price.add_parser("add", help="add a row: per million tokens, in the wallet's unit", parents=[output])
     add.add_argument("model")
@@ -235,6 +247,63 @@ def _readable(reply: Any) -> str:
             lines.append(f"  {name:<9} {value:>22,}")
     lines.append(f"  at        {reply.at:>22}")
     return "\n".join(lines)
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from worker.audit import VIOLATIONS_SHOWN_MAX, audit
+
+    current = settings()
+    events_topic = args.events_topic or current.topics.events
+    report = asyncio.run(audit(current.database_url, current.kafka_bootstrap, current.topics.commands, events_topic))
+    summary = (f"audit: {report.wallets:,} wallets, {report.decisions:,} decisions, {report.events:,} events: "
+               + ("all invariants hold" if report.ok else f"{len(report.violations):,} violations"))  # fmt: skip
+    print(summary)
+    for violation in report.violations[:VIOLATIONS_SHOWN_MAX]:
+        print(f"  {violation}")
+    return 0 if report.ok else EXIT_REFUSED
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from worker.replay import NotEmpty, replay, verify
+
+    current = settings()
+    try:
+        result = asyncio.run(replay(current.kafka_bootstrap, current.topics, current.database_url, args.into))
+    except NotEmpty as error:
+        print(f"floorguard replay: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"replayed {result.commands:,} commands in {result.seconds:,.1f} s ({result.rate_per_s:,.0f} commands/s)")
+    if not args.verify:
+        return 0
+    divergence = asyncio.run(verify(current.database_url, args.into, current.topics, result.ends))
+    print("verify: the rebuilt ledger is identical" if divergence is None else f"verify: first divergence: {divergence}")
+    return 0 if divergence is None else EXIT_REFUSED
+
+
+def _tail(args: argparse.Namespace) -> int:
+    from worker.adapter.streams import follow
+
+    current = settings()
+
+    async def run() -> None:
+        async for record in follow(current.kafka_bootstrap, current.topics.events, args.from_beginning):
+            event = json.loads(record.value)
+            if args.wallet and event.get("wallet") != args.wallet:
+                continue
+            print(record.value.decode() if args.json else _event_line(event), flush=True)
+
+    try:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _event_line(event: dict[str, Any]) -> str:
+    outcome = "ok " if event["ok"] else f"{event['status']} {event['error']}"
+    amount = f" {event['amount']:,}" if event.get("amount") is not None else ""
+    return (f"{event['at']}  {event['wallet']:<20} #{event['seq']:<6} {event['op']:<8}{amount:>16}  {outcome:<24}"
+            f" balance {event['balance']:,} available {event['available']:,}  ({event['id']})")  # fmt: skip
 
 
 PRICE_LEAD_MS = 5_000  # a new row starts at least this far ahead, so no decision already made moves

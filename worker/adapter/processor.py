@@ -108,7 +108,7 @@ class Processor:
             self._clock.observe(max(raw.timestamp for raw in records))
         by_partition: dict[int, list[Parsed]] = defaultdict(list)
         for raw in records:
-            by_partition[raw.partition].append(parse(_record(raw), self._forbidden_reply_topics))
+            by_partition[raw.partition].append(parse(record_of(raw), self._forbidden_reply_topics))
         async with self.busy:
             await asyncio.gather(*(self._partition(p, batch) for p, batch in by_partition.items()))
 
@@ -211,6 +211,6 @@ class Rebalance(ConsumerRebalanceListener):
         await self._processor.assigned(sorted(tp.partition for tp in assigned if tp.topic == self._topic))
 
 
-def _record(raw: ConsumerRecord) -> Record:
+def record_of(raw: ConsumerRecord) -> Record:
     headers = tuple((name, value if isinstance(value, bytes) else b"") for name, value in raw.headers or ())
     return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, headers)

@@ -124,3 +124,71 @@ SELECT wallet, hold, partition, expires_at_ms FROM holds
 WHERE open AND partition = ANY($1::integer[])
 ORDER BY expires_at_ms
 LIMIT 1;
+
+-- name: audit_floor
+SELECT wallet, balance, reserved, floor FROM wallets WHERE balance - reserved < floor ORDER BY wallet;
+
+-- name: audit_balances
+-- A wallet's balance is the sum of its accepted money moves.
+SELECT w.wallet, w.balance, coalesce(m.moved, 0) AS moved
+FROM wallets AS w
+LEFT JOIN (
+    SELECT wallet, sum(CASE WHEN op = 'credit' THEN amount ELSE -amount END) AS moved
+    FROM decisions WHERE status = 200 AND op IN ('credit', 'charge', 'capture')
+    GROUP BY wallet
+) AS m ON m.wallet = w.wallet
+WHERE w.balance <> coalesce(m.moved, 0)
+ORDER BY w.wallet;
+
+-- name: audit_reserved
+SELECT w.wallet, w.reserved, coalesce(h.held, 0) AS held
+FROM wallets AS w
+LEFT JOIN (SELECT wallet, sum(amount) AS held FROM holds WHERE open GROUP BY wallet) AS h ON h.wallet = w.wallet
+WHERE w.reserved <> coalesce(h.held, 0)
+ORDER BY w.wallet;
+
+-- name: audit_sequences
+-- seq runs from 1 to the wallet's seq without gaps or repeats.
+SELECT w.wallet, w.seq, count(d.seq) AS decided, coalesce(min(d.seq), 0) AS first, coalesce(max(d.seq), 0) AS last
+FROM wallets AS w LEFT JOIN decisions AS d ON d.wallet = w.wallet
+GROUP BY w.wallet, w.seq
+HAVING count(d.seq) <> w.seq OR coalesce(min(d.seq), 0) <> 1 OR coalesce(max(d.seq), 0) <> w.seq
+ORDER BY w.wallet;
+
+-- name: audit_offsets
+-- No decision past its partition's stored position, and one decision at most per record.
+SELECT d.partition, d."offset", count(*) AS decisions, max(p.next_offset) AS next_offset
+FROM decisions AS d JOIN partitions AS p ON p.partition = d.partition AND p.topic = $1
+GROUP BY d.partition, d."offset"
+HAVING count(*) > 1 OR d."offset" >= max(p.next_offset)
+ORDER BY d.partition, d."offset"
+LIMIT 100;
+
+-- name: audit_counts
+SELECT (SELECT count(*) FROM wallets) AS wallets, (SELECT count(*) FROM decisions) AS decisions,
+       (SELECT coalesce(sum(seq), 0) FROM wallets) AS seq_total;
+
+-- name: wallet_seqs
+SELECT wallet, seq FROM wallets;
+
+-- name: decisions_by_seq
+SELECT d.wallet, d.seq, d.reply, d.partition, d."offset"
+FROM decisions AS d
+JOIN unnest($1::text[], $2::bigint[]) AS k (wallet, seq) ON d.wallet = k.wallet AND d.seq = k.seq;
+
+-- name: decisions_in_order
+SELECT wallet, id, seq, op, status, error, amount, balance, reserved, at_ms, fingerprint, partition, "offset", reply
+FROM decisions ORDER BY wallet, seq;
+
+-- name: wallets_in_order
+SELECT wallet, balance, reserved, floor, seq, partition FROM wallets ORDER BY wallet;
+
+-- name: partition_positions
+SELECT partition, next_offset FROM partitions WHERE topic = $1 ORDER BY partition;
+
+-- name: copy_price
+INSERT INTO prices (model, valid_from_ms, input_price, output_price) VALUES ($1, $2, $3, $4)
+ON CONFLICT DO NOTHING;
+
+-- name: is_empty
+SELECT NOT EXISTS (SELECT 1 FROM wallets) AND NOT EXISTS (SELECT 1 FROM partitions);
