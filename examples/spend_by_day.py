@@ -4,7 +4,7 @@ The pattern to copy: the events topic is delivered at least once, so the read mo
 `(wallet, seq)` it has applied, in the same transaction as the change it makes. A repeat is then
 a no-op, whether it comes from a redelivery, a restart or a second pass over the topic.
 
-    python examples/spend_by_day.py --bootstrap 127.0.0.1:59092 --db spend.sqlite3 [--follow]
+    python examples/spend_by_day.py --bootstrap 127.0.0.1:29092 --db spend.sqlite3 [--follow]
 
 Spend is what left the wallet: accepted `charge` and `capture` amounts. Credits are counted apart.
 """

@@ -18,10 +18,12 @@ PARTITIONS_DEFAULT = 8
 SWEEP_INTERVAL_DEFAULT_MS = 250  # how often a worker looks for expired holds; 0 turns its sweeper off
 
 # The embedded local default (`floorguard stack up`): loopback only, ports chosen to stay clear
-# of a Kafka or PostgreSQL the user may already run on the standard ports.
-LOCAL_KAFKA_PORT = 59092
-LOCAL_KAFKA_CONTROLLER_PORT = 59093
-LOCAL_POSTGRES_PORT = 55432
+# of a Kafka or PostgreSQL the user may already run on the standard ports, and below Linux's
+# ephemeral range (32768–60999): a client polling a port in that range while nothing listens can
+# connect to itself and hold the port, so that the broker then fails to bind it.
+LOCAL_KAFKA_PORT = 29092
+LOCAL_KAFKA_CONTROLLER_PORT = 29093
+LOCAL_POSTGRES_PORT = 25432
 LOCAL_KAFKA_BOOTSTRAP = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
 LOCAL_DATABASE_URL = f"postgresql://floorguard@127.0.0.1:{LOCAL_POSTGRES_PORT}/floorguard"
 
