@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from floorguard import Refused, Usage
-from tests.conftest import ROOT, _with_database, wait_until_serving, worker_env
+from tests.conftest import ROOT, _with_database, skewed_clock, wait_until_serving, worker_env
 from tests.harness import books, events
 from tests.test_holds import add_price
 
@@ -99,9 +98,7 @@ async def empty_database(services_url: str) -> str:
 
 
 async def test_a_mixed_workload_replays_identically_and_audits_clean(workers, ledger, settings, services):
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime is required (Debian package faketime; .ci/run installs it)"
-    workers.start(_WRAPPER=faketime, _WRAPPER_ARGS="-f +10m")  # the original decisions, with a skewed clock
+    workers.start(**skewed_clock("+10m"))  # the original decisions, with a skewed clock
     await wait_until_serving(ledger)
     await mixed_workload(ledger, settings)
     await settle(settings)

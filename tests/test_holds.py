@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import shutil
 import time
 from datetime import datetime
 
@@ -12,7 +11,7 @@ import asyncpg
 import pytest
 
 from floorguard import HoldClosed, HoldExpired, InsufficientFunds, Ledger, Usage
-from tests.conftest import wait_until_serving
+from tests.conftest import skewed_clock, wait_until_serving
 from tests.harness import books, events, send_all
 
 SWEEPER_OFF = {"FLOORGUARD_SWEEP_INTERVAL_MS": "0"}
@@ -136,15 +135,15 @@ async def test_the_race_with_holds_mixed_in_never_crosses_the_budget(workers, le
 
 
 async def test_a_worker_clock_ten_minutes_off_changes_no_decision(workers, ledger, settings):
-    faketime = shutil.which("faketime")
-    assert faketime, "faketime is required (Debian package faketime; .ci/run installs it)"
+    import os
     import subprocess
     import sys
 
-    skewed = subprocess.run([faketime, "-f", "-10m", sys.executable, "-c", "import time; print(time.time())"],
+    skew = skewed_clock("-10m")
+    skewed = subprocess.run([sys.executable, "-c", "import time; print(time.time())"], env={**os.environ, **skew},
                             capture_output=True, text=True, check=True)  # fmt: skip
-    assert 590 <= time.time() - float(skewed.stdout) <= 610, "faketime did not skew the clock"
-    workers.start(_WRAPPER=faketime, _WRAPPER_ARGS="-f -10m")
+    assert 590 <= time.time() - float(skewed.stdout) <= 610, "libfaketime did not skew the clock"
+    workers.start(**skew)
     await wait_until_serving(ledger)
     await ledger.open("w")
     opened_at = time.time() * 1000
