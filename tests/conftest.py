@@ -111,6 +111,7 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
         config.ENV_DATABASE_URL: settings.database_url,
         config.ENV_TOPIC_PREFIX: settings.topics.prefix,
         config.ENV_GROUP_ID: settings.group_id,
+        config.ENV_METRICS_PORT: "0",  # several workers run at once; the metrics test names a port
         **extra,
     }
 

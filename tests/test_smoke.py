@@ -16,3 +16,29 @@ async def test_open_credit_charge(workers, ledger):
     with pytest.raises(InsufficientFunds) as refused:
         await ledger.charge("w1", 41)
     assert refused.value.available == 40
+
+
+async def test_metrics_and_health(workers, ledger):
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    workers.start(FLOORGUARD_METRICS_PORT=str(port))
+    await wait_until_serving(ledger)
+    await ledger.open("m")
+    with pytest.raises(InsufficientFunds):
+        await ledger.charge("m", 5)
+
+    def get(path: str) -> tuple[int, str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+            return response.status, response.read().decode()
+
+    status, health = get("/health")
+    assert status == 200 and json.loads(health)["status"] == "ok" and json.loads(health)["partitions"]
+    _, text = get("/metrics")
+    assert 'floorguard_decisions_total{op="charge",status="402"} 1.0' in text
+    assert "floorguard_batch_commit_seconds_count" in text and "floorguard_consumer_lag_records{partition=" in text
+    assert "floorguard_outbox_backlog_records 0.0" in text

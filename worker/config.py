@@ -11,11 +11,13 @@ ENV_TOPIC_PREFIX = "FLOORGUARD_TOPIC_PREFIX"
 ENV_GROUP_ID = "FLOORGUARD_GROUP_ID"
 ENV_PARTITIONS = "FLOORGUARD_PARTITIONS"
 ENV_SWEEP_INTERVAL_MS = "FLOORGUARD_SWEEP_INTERVAL_MS"
+ENV_METRICS_PORT = "FLOORGUARD_METRICS_PORT"
 
 TOPIC_PREFIX_DEFAULT = "floorguard"
 GROUP_ID_DEFAULT = "floorguard-worker"
 PARTITIONS_DEFAULT = 8
 SWEEP_INTERVAL_DEFAULT_MS = 250  # how often a worker looks for expired holds; 0 turns its sweeper off
+METRICS_PORT_DEFAULT = 9464  # /metrics and /health on loopback; 0 turns them off
 
 # The embedded local default (`floorguard stack up`): loopback only, ports chosen to stay clear
 # of a Kafka or PostgreSQL the user may already run on the standard ports, and below Linux's
@@ -62,6 +64,7 @@ class Settings:
     group_id: str
     partitions: int
     sweep_interval_ms: int = SWEEP_INTERVAL_DEFAULT_MS
+    metrics_port: int = METRICS_PORT_DEFAULT
 
     @classmethod
     def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
@@ -72,6 +75,7 @@ class Settings:
             group_id=os.environ.get(ENV_GROUP_ID, GROUP_ID_DEFAULT),
             partitions=int(os.environ.get(ENV_PARTITIONS, PARTITIONS_DEFAULT)),
             sweep_interval_ms=int(os.environ.get(ENV_SWEEP_INTERVAL_MS, SWEEP_INTERVAL_DEFAULT_MS)),
+            metrics_port=int(os.environ.get(ENV_METRICS_PORT, METRICS_PORT_DEFAULT)),
         )
 
 

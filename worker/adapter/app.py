@@ -24,6 +24,7 @@ from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER
 from faststream.kafka.message import KafkaMessage as KafkaMessageClass
 
+from worker.adapter import metrics
 from worker.adapter.processor import Processor, Rebalance
 from worker.adapter.publisher import Publisher
 from worker.adapter.topics import check_commands_topic
@@ -118,6 +119,8 @@ def build_app(settings: Settings) -> FastStream:
         try:
             yield
         finally:
+            if runtime.get("metrics") is not None:
+                runtime["metrics"].close()
             if "sweeper" in runtime:
                 runtime["sweeper"].cancel()
                 await asyncio.gather(runtime["sweeper"], return_exceptions=True)
@@ -129,6 +132,8 @@ def build_app(settings: Settings) -> FastStream:
     async def start_sweeper() -> None:  # the producer it writes with exists once the broker runs
         if sweeper is not None:
             runtime["sweeper"] = asyncio.create_task(sweeper.run())
+        metrics.HEALTH.partitions = processor.owned
+        runtime["metrics"] = await metrics.serve(settings.metrics_port, processor.refresh_lag)
 
     return app
 

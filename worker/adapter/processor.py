@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -16,6 +17,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from worker import failpoints
+from worker.adapter import metrics
 from worker.config import Topics
 from worker.core.model import Parsed, Record
 from worker.core.outgoing import Outgoing, outgoing
@@ -129,23 +131,29 @@ class Processor:
             await self._heal(partition)
         if self._skipped_ahead(partition, batch):
             return
+        metrics.BATCH_SIZE.observe(len(batch))
         delay_s = INFRA_BACKOFF_FIRST_S
         for attempt in range(1, INFRA_RETRIES_MAX + 1):
             seen = self._seen.get(partition)
             if seen is None:
                 return  # revoked since the fetch: the new owner decides these
             try:
+                began_s = time.monotonic()
                 committed = await self._store.apply_batch(self._topics.commands, partition, seen, batch, self.render)
+                metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
             except Fenced as fenced:
                 log.warning("partition %d fenced (%s): letting go of this batch", partition, fenced)
                 await self._resume_from_store(partition)
                 return
             except INFRA_ERRORS as error:
+                metrics.HEALTH.last_error = f"partition {partition}: {error!r}"
                 log.warning("partition %d: attempt %d failed: %r", partition, attempt, error)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
                 continue
             self._seen[partition] = committed.next_offset
+            _count(committed.decisions)
+            metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
             failpoints.hit("after_commit")
             await self._publish(partition, committed.outbox)
             return
@@ -173,12 +181,28 @@ class Processor:
         """After the commit. A failure loses nothing: the rows stay in the outbox until published."""
         if not outbox:
             return
+        metrics.OUTBOX_BACKLOG.inc(len(outbox))
         try:
+            began_s = time.monotonic()
             await self._publisher.publish([record for _, record in outbox])
+            metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
             await self._store.delete_outbox([position for position, _ in outbox])
         except INFRA_ERRORS as error:
             log.warning("partition %d: publishing %d records failed (%r)", partition, len(outbox), error)
             self._unpublished.add(partition)
+        finally:
+            metrics.OUTBOX_BACKLOG.dec(len(outbox))
+
+    def refresh_lag(self) -> None:
+        """Per owned partition: records in the log not yet decided (high watermark − stored offset)."""
+        consumer = self._consumer()
+        metrics.CONSUMER_LAG.clear()
+        if consumer is None:
+            return
+        for partition, next_offset in list(self._seen.items()):
+            highwater = consumer.highwater(TopicPartition(self._topics.commands, partition))
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - next_offset, 0))
 
     async def _resume_from_store(self, partition: int) -> None:
         """Seek back to the stored position, so that what was not committed comes again."""
@@ -209,6 +233,11 @@ class Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._processor.assigned(sorted(tp.partition for tp in assigned if tp.topic == self._topic))
+
+
+def _count(decisions) -> None:
+    for decision in decisions:
+        metrics.DECISIONS.labels(str(decision.reply["op"]), str(decision.reply["status"])).inc()
 
 
 def record_of(raw: ConsumerRecord) -> Record:

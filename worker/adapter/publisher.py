@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
@@ -17,6 +18,8 @@ from aiokafka.errors import KafkaError
 from worker.core.outgoing import Outgoing
 
 SEND_TIMEOUT_S = 30
+TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions (or its absence) are taken as known
+TOPIC_CACHE_SIZE_MAX = 10_000
 log = logging.getLogger("floorguard.publisher")
 
 
@@ -28,6 +31,7 @@ class Publisher:
     def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str) -> None:
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
+        self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -72,11 +76,18 @@ class Publisher:
         return Outgoing(self._dlq_topic, None, record.key, record.value, headers)
 
     async def _partitions(self, topic: str) -> set[int]:
-        cluster = self._producer.client.cluster
-        partitions = cluster.partitions_for_topic(topic)
+        """The topic's partitions, from a cache refreshed every TOPIC_CACHE_TTL_S; empty: no such topic."""
+        now_s = time.monotonic()
+        cached = self._topics.get(topic)
+        if cached is not None and now_s - cached[0] < TOPIC_CACHE_TTL_S:
+            return cached[1]
+        partitions = self._producer.client.cluster.partitions_for_topic(topic)
         if partitions is None:
-            # Not in the cached metadata: ask the broker before calling the topic missing, without
-            # making the producer track a name that may not exist.
+            # Not tracked by the producer yet: ask the broker, without making the producer track a
+            # name that may not exist (a reply_to is whatever a sender wrote).
             metadata = await asyncio.wait_for(self._producer.client.fetch_all_metadata(), SEND_TIMEOUT_S)
             partitions = metadata.partitions_for_topic(topic)
-        return set(partitions or ())
+        if len(self._topics) >= TOPIC_CACHE_SIZE_MAX:
+            self._topics.clear()
+        self._topics[topic] = (now_s, set(partitions or ()))
+        return self._topics[topic][1]
