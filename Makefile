@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-tools lint stack-up stack-down clean
+.PHONY: run test test-tools lint bench stack-up stack-down clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-tools:
 	@command -v faketime >/dev/null || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y faketime >/dev/null; }
 	@command -v faketime >/dev/null || { echo "the clock-skew test needs the Debian package faketime"; exit 1; }
+
+## bench: the standard benchmark suite (under 10 minutes); rewrites docs/BENCHMARKS.md.
+bench: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python loadtest/bench.py
 
 ## lint: the architecture's import rules (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)

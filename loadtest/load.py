@@ -225,8 +225,8 @@ async def check(settings: config.Settings, run: Run) -> dict:
             "ok": below == 0 and repeated == 0 and books == 0 and unanswered == 0}  # fmt: skip
 
 
-async def main(args) -> dict:
-    current = resolve_settings()
+async def main(args, current: config.Settings | None = None) -> dict:
+    current = current or resolve_settings()
     settings, database = await setup(args, current)
     workers = start_workers(settings, args.workers, Path(args.logs))
     run, rng = Run(), random.Random(args.seed)
@@ -245,6 +245,7 @@ async def main(args) -> dict:
         await drain(client, DRAIN_TIMEOUT_S)
         answered_s = time.monotonic() - run.started
         checks = await check(settings, run)
+        resident_mib = [resident_size_mib(worker.pid) for worker in workers]
     finally:
         await client.stop()
         for worker in workers:
@@ -263,8 +264,18 @@ async def main(args) -> dict:
         "latency_ms": {q: round(h.get_value_at_percentile(p) / 1000, 2)
                        for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
         "timeline": [[s, n, round(total / n / 1000, 2)] for s, (n, total) in sorted(run.timeline.items())],
-        "checks": checks,
+        "checks": checks, "worker_resident_mib": resident_mib,
     }  # fmt: skip
+
+
+def resident_size_mib(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        return None
+    return None
 
 
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,0 +1,168 @@
+"""The standard benchmark suite (`make bench`): floorguard end to end beside the seed design and a
+naive design, at this machine's flush cost and at an emulated 0.5 ms one; the latency run; replay.
+Writes docs/BENCHMARKS.md, docs/bench/results.json and docs/bench/latency.png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "loadtest"))
+
+import baselines  # noqa: E402
+import load  # noqa: E402
+import slowpg  # noqa: E402
+
+from worker.cli import settings as resolve_settings  # noqa: E402
+
+OUT = ROOT / "docs" / "bench"
+SATURATION_RATE_PER_S = 8_000  # offered well past what the worker sustains here, for a short while
+SATURATION_SECONDS = 6
+LATENCY_RATE_PER_S = 5_000
+LATENCY_SECONDS = 15
+FLUSHES = (("this disk", None), ("0.5 ms emulated", 500))
+
+
+async def floorguard(current, server_url: str, distribution: str, wallets: int, rate: int, seconds: int) -> dict:
+    args = load.arguments(["--rate", str(rate), "--seconds", str(seconds), "--distribution", distribution,
+                           "--wallets", str(wallets)])  # fmt: skip
+    return await load.main(args, replace(current, database_url=server_url))
+
+
+async def suite() -> dict:
+    current = resolve_settings()
+    results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "runs": {}}
+    for label, flush_us in FLUSHES:
+        server_url = current.database_url if flush_us is None else slowpg.up(flush_us)
+        try:
+            print(f"bench: {label}: baselines", file=sys.stderr)
+            seed_hot, seed_many, naive = await baselines.run_all(server_url, seconds=4)
+            print(f"bench: {label}: floorguard", file=sys.stderr)
+            hot = await floorguard(current, server_url, "hot", 1, SATURATION_RATE_PER_S, SATURATION_SECONDS)
+            many = await floorguard(current, server_url, "uniform", 10_000, SATURATION_RATE_PER_S, SATURATION_SECONDS)
+        finally:
+            if flush_us is not None:
+                slowpg.down()
+        results["runs"][label] = {"seed_hot": seed_hot, "seed_many": seed_many, "naive": naive,
+                                  "floorguard_hot": hot, "floorguard_many": many}  # fmt: skip
+    print("bench: latency at a fixed offered rate", file=sys.stderr)
+    results["latency"] = await floorguard(current, current.database_url, "zipf", 10_000, LATENCY_RATE_PER_S, LATENCY_SECONDS)
+    results["fsync"] = {"this disk": slowpg.test_fsync(0), "0.5 ms emulated": slowpg.test_fsync(500)}
+    replay = subprocess.run([sys.executable, str(ROOT / "loadtest" / "replay_bench.py"), "--commands", "100000",
+                             "--wallets", "1000"], capture_output=True, text=True, check=True)  # fmt: skip
+    results["replay"] = json.loads(replay.stdout.strip().splitlines()[-1])
+    return results
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown")  # fmt: skip
+    postgres = subprocess.run([str(slowpg.bin_dir() / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "postgres": postgres,
+            "kafka": "Apache Kafka 4.1.1 (KRaft, one node)"}  # fmt: skip
+
+
+def plot(latency_run: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timeline = latency_run["timeline"]
+    seconds = [t[0] for t in timeline]
+    figure, throughput = plt.subplots(figsize=(9, 4.5))
+    throughput.plot(seconds, [t[1] for t in timeline], color="tab:blue", label="replies/s")
+    throughput.axhline(latency_run["offered_per_s"], color="tab:blue", linestyle=":", label="offered/s")
+    throughput.set_xlabel("seconds into the run")
+    throughput.set_ylabel("replies per second", color="tab:blue")
+    latency = throughput.twinx()
+    latency.plot(seconds, [t[2] for t in timeline], color="tab:red", label="mean latency (ms)")
+    latency.set_ylabel("mean reply latency (ms)", color="tab:red")
+    figure.suptitle(f"floorguard, open loop at {latency_run['offered_per_s']:,}/s offered, "
+                    f"{latency_run['distribution']} over {latency_run['wallets']:,} wallets")  # fmt: skip
+    figure.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def verdict(value: float, target: float, more_is_better: bool = True) -> str:
+    met = value >= target if more_is_better else value <= target
+    return "met" if met else "**missed**"
+
+
+def report(results: dict) -> str:
+    machine_ = results["machine"]
+    lines = [
+        "# Benchmarks", "",
+        f"Measured {results['started']} by `make bench` (`loadtest/bench.py`), which rewrites this file. "
+        "Broker, database, worker and load generator all run on this one machine.", "",
+        f"**Machine:** {machine_['cores']} cores ({machine_['cpu']}), {machine_['postgres']}, {machine_['kafka']}, "
+        f"Python {machine_['python']}. `pg_test_fsync` fdatasync: this disk {results['fsync']['this disk']}; "
+        f"with the emulation library {results['fsync']['0.5 ms emulated']}.", "",
+        "## Throughput against the targets", "",
+        "floorguard: one worker process, 8 partitions, open loop offered "
+        f"{SATURATION_RATE_PER_S:,}/s for {SATURATION_SECONDS} s (past what it sustains), answered/s = replies received "
+        "÷ time until the last reply. Seed: the seed design's guarded statement, one commit per charge, best of 8/32/64 "
+        "clients, closed loop.", "",
+        "| flush | workload | floorguard answered/s | seed design/s | floorguard ÷ seed | target |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, run in results["runs"].items():
+        for key, seed_key, name, target, ratio in (("floorguard_hot", "seed_hot", "one hot wallet", 20_000,
+                                                     2 if label == "this disk" else 10),
+                                                    ("floorguard_many", "seed_many", "10,000 wallets", 30_000, 1)):  # fmt: skip
+            fg, seed = run[key]["answered_per_s"], run[seed_key]["charges_per_s"]
+            lines.append(f"| {label} | {name} | {fg:,} | {seed:,} ({run[seed_key]['clients']} clients) | "
+                         f"{fg / seed:.2f}× | ≥ {target:,}/s: {verdict(fg, target)}; ≥ {ratio}× seed: "
+                         f"{verdict(fg / seed, ratio)} |")  # fmt: skip
+    latency = results["latency"]
+    lines += [
+        "", "## Reply latency, open loop", "",
+        f"Offered {latency['offered_per_s']:,}/s for {latency['seconds']} s, {latency['distribution']} over "
+        f"{latency['wallets']:,} wallets, 5% holds (reserve then capture/release), 5% retries.", "",
+        "| p50 | p99 | p99.9 | max | answered/s | target |", "|---|---|---|---|---|---|",
+        f"| {latency['latency_ms']['p50']} ms | {latency['latency_ms']['p99']} ms | {latency['latency_ms']['p999']} ms | "
+        f"{latency['latency_ms']['max']} ms | {latency['answered_per_s']:,} | p50 ≤ 5 ms: "
+        f"{verdict(latency['latency_ms']['p50'], 5, False)}; p99 ≤ 25 ms: {verdict(latency['latency_ms']['p99'], 25, False)} |",
+        "", "![throughput and latency over time](bench/latency.png)", "",
+        "## Correctness in every run", "",
+        "| run | overshoot (wallets below floor) | ids with two decisions | wallets off their books | sends without reply | worker RSS at end |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    named = [(f"{label}, {key}", run[key]) for label, run in results["runs"].items() for key in ("floorguard_hot", "floorguard_many")]
+    for name, run in [*named, ("latency", latency)]:
+        c = run["checks"]
+        lines.append(f"| {name} | {c['wallets_below_floor']} | {c['ids_with_two_decisions']} | "
+                     f"{c['wallets_off_their_books']} | {c['sends_without_reply']} | {run['worker_resident_mib']} MiB |")  # fmt: skip
+    lines += ["", "## The naive design (read, check, write), for contrast", "",
+              "| flush | funded for | accepted | overshoot |", "|---|---|---|---|"]
+    for label, run in results["runs"].items():
+        n = run["naive"]
+        lines.append(f"| {label} | {n['funded_for']:,} charges | {n['accepted']:,} | {n['overshoot_charges']:,} charges "
+                     f"({n['overshoot_amount']:,} units) past the funds |")  # fmt: skip
+    replay = results["replay"]
+    lines += ["", "## Replay", "",
+              f"`loadtest/replay_bench.py --commands 100000 --wallets 1000`: {replay['commands']:,} commands in "
+              f"{replay['seconds']} s, **{replay['commands_per_s']:,} commands/s**.", "",
+              "Raw results: [bench/results.json](bench/results.json).", ""]  # fmt: skip
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    began = time.monotonic()
+    OUT.mkdir(parents=True, exist_ok=True)
+    outcome = asyncio.run(suite())
+    (OUT / "results.json").write_text(json.dumps(outcome, indent=1))
+    plot(outcome["latency"], OUT / "latency.png")
+    (ROOT / "docs" / "BENCHMARKS.md").write_text(report(outcome))
+    print(f"bench: done in {time.monotonic() - began:,.0f} s; docs/BENCHMARKS.md written", file=sys.stderr)
