@@ -1,3 +1,5 @@
+import asyncio
+
 import pytest
 
 from floorguard import InsufficientFunds
@@ -41,4 +43,10 @@ async def test_metrics_and_health(workers, ledger):
     _, text = get("/metrics")
     assert 'floorguard_decisions_total{op="charge",status="402"} 1.0' in text
     assert "floorguard_batch_commit_seconds_count" in text and "floorguard_consumer_lag_records{partition=" in text
-    assert "floorguard_outbox_backlog_records 0.0" in text
+    # The reply can arrive before the worker has counted its record as acknowledged: wait for it.
+    for _ in range(100):
+        if "floorguard_outbox_backlog_records 0.0" in get("/metrics")[1]:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError("the outbox backlog never came back to 0")

@@ -34,7 +34,7 @@ from worker.core.outgoing import encode
 from worker.store.store import Store
 from worker.sweeper import BrokerClock, Sweeper, expire_command
 
-BATCH_RECORDS_MAX = 500  # records fetched at once, over all partitions
+BATCH_RECORDS_MAX = 5_000  # records fetched at once, over all partitions: batches grow with the load
 BATCH_WAIT_MS = 5  # a lone command is fetched as soon as it lands; this bounds the idle poll
 SESSION_TIMEOUT_MS = 10_000
 GRACEFUL_TIMEOUT_S = 30
@@ -119,6 +119,7 @@ def build_app(settings: Settings) -> FastStream:
         try:
             yield
         finally:
+            await processor.flush()  # what was committed goes out before the worker does
             if runtime.get("metrics") is not None:
                 runtime["metrics"].close()
             if "sweeper" in runtime:

@@ -47,6 +47,11 @@ class Processor:
         self._seen: dict[int, int] = {}  # partition -> next offset this worker last saw stored
         self._unpublished: set[int] = set()  # partitions whose outbox may hold unsent records
         self._rewound: dict[int, int] = {}  # partition -> offset it was last sought back to
+        # Outbox rows the broker acknowledged are deleted by the partition's next batch transaction,
+        # or at once when none is under way: under load that saves a commit per batch.
+        self._published: dict[int, list[int]] = {}  # partition -> acknowledged outbox rows to delete
+        self._applying: set[int] = set()  # partitions whose batch transaction is under way
+        self._inflight: dict[int, asyncio.Task[None]] = {}  # partition -> its batch being published
         # Held while a batch is decided, so that a rebalance hands partitions over between batches.
         self.busy = asyncio.Lock()
 
@@ -82,6 +87,7 @@ class Processor:
 
     async def revoked(self, partitions: Sequence[int]) -> None:
         async with self.busy:
+            await self.flush(partitions)
             for partition in partitions:
                 self._seen.pop(partition, None)
                 self._unpublished.discard(partition)
@@ -100,6 +106,24 @@ class Processor:
         self._unpublished.discard(partition)
 
     # --- batches --------------------------------------------------------------------------------
+
+    async def flush(self, partitions: Sequence[int] | None = None) -> None:
+        """Wait for the batches in flight to the broker, then delete what they published."""
+        chosen = list(self._inflight) if partitions is None else [p for p in partitions if p in self._inflight]
+        await asyncio.gather(*(self._inflight.pop(p) for p in chosen), return_exceptions=True)
+        for partition in list(self._published) if partitions is None else partitions:
+            await self._tidy(partition)
+
+    async def _tidy(self, partition: int) -> None:
+        """Delete the partition's acknowledged outbox rows. A failure only means sent again later."""
+        positions = self._published.pop(partition, [])
+        if not positions:
+            return
+        try:
+            await self._store.delete_outbox(positions)
+        except INFRA_ERRORS as error:
+            log.warning("partition %d: outbox rows not deleted yet (%r)", partition, error)
+            self._published.setdefault(partition, []).extend(positions)
 
     def owned(self) -> list[int]:
         """The partitions this worker decides now: the ones the sweeper watches."""
@@ -128,6 +152,7 @@ class Processor:
                     consumer.seek(tp, batch[0].record.offset)  # keep the records coming back
             return
         if partition in self._unpublished:
+            await self.flush([partition])
             await self._heal(partition)
         if self._skipped_ahead(partition, batch):
             return
@@ -137,25 +162,36 @@ class Processor:
             seen = self._seen.get(partition)
             if seen is None:
                 return  # revoked since the fetch: the new owner decides these
+            published = self._published.pop(partition, [])
+            self._applying.add(partition)
             try:
                 began_s = time.monotonic()
-                committed = await self._store.apply_batch(self._topics.commands, partition, seen, batch, self.render)
+                committed = await self._store.apply_batch(self._topics.commands, partition, seen, batch, self.render,
+                                                          published)  # fmt: skip
                 metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
             except Fenced as fenced:
                 log.warning("partition %d fenced (%s): letting go of this batch", partition, fenced)
                 await self._resume_from_store(partition)
-                return
+                return  # its published rows are the new owner's to send again: harmless
             except INFRA_ERRORS as error:
+                self._published.setdefault(partition, []).extend(published)
                 metrics.HEALTH.last_error = f"partition {partition}: {error!r}"
                 log.warning("partition %d: attempt %d failed: %r", partition, attempt, error)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
                 continue
+            finally:
+                self._applying.discard(partition)
             self._seen[partition] = committed.next_offset
             _count(committed.decisions)
             metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
             failpoints.hit("after_commit")
-            await self._publish(partition, committed.outbox)
+            # Publishing overlaps the next batch's transaction: at most one batch of a partition is
+            # in flight to the broker, so replies keep their partition's order batch by batch.
+            previous = self._inflight.get(partition)
+            if previous is not None:
+                await previous
+            self._inflight[partition] = asyncio.create_task(self._publish(partition, committed.outbox))
             return
         # Out of retries: rewind to the stored position so that the batch is delivered again.
         await self._resume_from_store(partition)
@@ -180,18 +216,23 @@ class Processor:
     async def _publish(self, partition: int, outbox: list[tuple[int, Outgoing]]) -> None:
         """After the commit. A failure loses nothing: the rows stay in the outbox until published."""
         if not outbox:
+            if partition not in self._applying:
+                await self._tidy(partition)
             return
         metrics.OUTBOX_BACKLOG.inc(len(outbox))
         try:
             began_s = time.monotonic()
             await self._publisher.publish([record for _, record in outbox])
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
-            await self._store.delete_outbox([position for position, _ in outbox])
+            # Until deleted, a crash only means the rows are published again (at least once).
+            self._published.setdefault(partition, []).extend(position for position, _ in outbox)
         except INFRA_ERRORS as error:
             log.warning("partition %d: publishing %d records failed (%r)", partition, len(outbox), error)
             self._unpublished.add(partition)
         finally:
             metrics.OUTBOX_BACKLOG.dec(len(outbox))
+        if partition not in self._applying:
+            await self._tidy(partition)
 
     def refresh_lag(self) -> None:
         """Per owned partition: records in the log not yet decided (high watermark − stored offset)."""

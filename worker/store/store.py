@@ -83,15 +83,19 @@ class Store:
         seen_offset: int,
         batch: Sequence[Parsed],
         render: Callable[[Decision], list[Outgoing]],
+        published: Sequence[int] = (),
     ) -> Committed:
         """Decide and store a batch of one partition in one transaction.
 
         Records below `seen_offset` were decided before and are skipped. Raises `Fenced` when the
         stored offset moved away from `seen_offset`, which only another worker can have done.
+        `published` names outbox rows the broker has acknowledged since: they are deleted in the
+        same transaction, which saves a commit of their own.
         """
         fresh = [parsed for parsed in batch if parsed.record.offset >= seen_offset]
         assert all(parsed.record.partition == partition for parsed in fresh)
         if not fresh:
+            await self.delete_outbox(published)
             return Committed(seen_offset, [], [])
         next_offset = fresh[-1].record.offset + 1
         async with self._pool.acquire() as connection, connection.transaction():
@@ -105,6 +109,8 @@ class Store:
             await self._write_holds(connection, [d.hold for d in decisions if d.stored and d.hold is not None])
             await self._write_decisions(connection, [d for d in decisions if d.stored])
             outbox = await self._write_outbox(connection, topic, partition, decisions, render)
+            if published:
+                await connection.execute(QUERIES["delete_outbox"], list(published))
             status = await connection.execute(
                 QUERIES["advance_partition"], topic, partition, seen_offset, next_offset, state.clock_ms
             )
