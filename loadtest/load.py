@@ -225,7 +225,8 @@ async def check(settings: config.Settings, run: Run) -> dict:
             "ok": below == 0 and repeated == 0 and books == 0 and unanswered == 0}  # fmt: skip
 
 
-async def main(args, current: config.Settings | None = None) -> dict:
+async def main(args, current: config.Settings | None = None, on_offer=None) -> dict:
+    """One run. `on_offer(worker_pids)`, when given, is started as a task once the offer begins."""
     current = current or resolve_settings()
     settings, database = await setup(args, current)
     workers = start_workers(settings, args.workers, Path(args.logs))
@@ -240,10 +241,15 @@ async def main(args, current: config.Settings | None = None) -> dict:
         funded = len(run.replies)
         client.on_reply = close_holds(client, rng)
         run.started = time.monotonic()
+        cpu_before = cpu_seconds([worker.pid for worker in workers])
+        watcher = asyncio.create_task(on_offer([worker.pid for worker in workers])) if on_offer else None
         sent = await offer(client, args, wallets, rng)
         offered_s = time.monotonic() - run.started
         await drain(client, DRAIN_TIMEOUT_S)
         answered_s = time.monotonic() - run.started
+        cpu_after = cpu_seconds([worker.pid for worker in workers])
+        if watcher is not None:
+            await watcher
         checks = await check(settings, run)
         resident_mib = [resident_size_mib(worker.pid) for worker in workers]
     finally:
@@ -265,7 +271,35 @@ async def main(args, current: config.Settings | None = None) -> dict:
                        for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
         "timeline": [[s, n, round(total / n / 1000, 2)] for s, (n, total) in sorted(run.timeline.items())],
         "checks": checks, "worker_resident_mib": resident_mib,
+        # Cores each part kept busy on average while commands were offered and answered.
+        "cores_busy": {part: round((cpu_after[part] - cpu_before[part]) / answered_s, 2) for part in cpu_after},
     }  # fmt: skip
+
+
+def cpu_seconds(worker_pids: list[int]) -> dict[str, float]:
+    """CPU time so far of the worker processes, this load generator, the broker and the database."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    parts = {"worker": 0.0, "load generator": 0.0, "kafka": 0.0, "postgresql": 0.0}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat[stat.rindex(")") + 2:].split()
+        used = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
+        pid = int(entry.name)
+        if pid in worker_pids:
+            parts["worker"] += used
+        elif pid == os.getpid():
+            parts["load generator"] += used
+        elif b"kafka.Kafka" in command:
+            parts["kafka"] += used
+        elif stat.split()[1] == "(postgres)":
+            parts["postgresql"] += used
+    return parts
 
 
 def resident_size_mib(pid: int) -> float | None:

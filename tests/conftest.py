@@ -124,10 +124,10 @@ class Workers:
     log_dir: Path
     processes: list[subprocess.Popen] = field(default_factory=list)
 
-    def start(self, **extra_env: str) -> subprocess.Popen:
+    def start(self, *args: str, **extra_env: str) -> subprocess.Popen:
         log = (self.log_dir / f"worker-{len(self.processes)}.log").open("wb")
         process = subprocess.Popen(
-            [sys.executable, "-m", "worker.cli", "worker"],
+            [sys.executable, "-m", "worker.cli", "worker", *args],
             cwd=ROOT,
             env=worker_env(self.settings, **extra_env),
             stdout=log,

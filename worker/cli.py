@@ -41,8 +41,12 @@ def _parser() -> argparse.ArgumentParser:
     stack.set_defaults(run=_stack)
     commands.add_parser("migrate", help="apply the database migrations").set_defaults(run=_migrate)
     commands.add_parser("topics", help="create the topics with the contract's settings").set_defaults(run=_topics)
-    commands.add_parser("worker", help="run a worker in the foreground").set_defaults(run=_worker)
-    commands.add_parser("run", help="stack up, migrate, topics, then the worker").set_defaults(run=_run)
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument("--processes", type=int, default=1, metavar="N",
+                         help="worker processes in the group, each deciding its share of the partitions")  # fmt: skip
+    worker = commands.add_parser("worker", help="run the worker in the foreground", parents=[running])
+    worker.set_defaults(run=_worker)
+    commands.add_parser("run", help="stack up, migrate, topics, then the worker", parents=[running]).set_defaults(run=_run)
 
     wallet = commands.add_parser("wallet", help="open, credit or show a wallet").add_subparsers(required=True, metavar="ACTION")
     opening = wallet.add_parser("open", help="open a wallet", parents=[output])
@@ -178,11 +182,17 @@ def _topics(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    if args.processes > 1:
+        from worker.supervisor import supervise
+
+        return supervise(args.processes, settings())
+    import uvloop
+
     from worker.adapter.app import build_app
     from worker.adapter.topics import TopicMisconfigured
 
     try:
-        asyncio.run(build_app(settings()).run())
+        uvloop.run(build_app(settings()).run())
     except TopicMisconfigured as error:
         print(f"floorguard worker: {error}", file=sys.stderr)
         return EXIT_FAILED

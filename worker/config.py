@@ -12,12 +12,21 @@ ENV_GROUP_ID = "FLOORGUARD_GROUP_ID"
 ENV_PARTITIONS = "FLOORGUARD_PARTITIONS"
 ENV_SWEEP_INTERVAL_MS = "FLOORGUARD_SWEEP_INTERVAL_MS"
 ENV_METRICS_PORT = "FLOORGUARD_METRICS_PORT"
+ENV_BATCH_RECORDS_MAX = "FLOORGUARD_BATCH_RECORDS_MAX"
+ENV_BATCH_WAIT_MS = "FLOORGUARD_BATCH_WAIT_MS"
 
 TOPIC_PREFIX_DEFAULT = "floorguard"
 GROUP_ID_DEFAULT = "floorguard-worker"
 PARTITIONS_DEFAULT = 8
 SWEEP_INTERVAL_DEFAULT_MS = 250  # how often a worker looks for expired holds; 0 turns its sweeper off
 METRICS_PORT_DEFAULT = 9464  # /metrics and /health on loopback; 0 turns them off
+# A fetch takes what has arrived, up to this many records over all partitions: under load batches
+# grow towards it (one transaction and one flush each), when idle a lone command goes alone.
+# Measured on 2 cores: 500 held the hot wallet near 3,300/s, 5,000 near 5,000/s (docs/BENCHMARKS.md).
+BATCH_RECORDS_MAX_DEFAULT = 5_000
+# How long a fetch waits for a first record when none is there: it bounds the idle poll, never
+# holds back a record that has arrived.
+BATCH_WAIT_DEFAULT_MS = 5
 
 # The embedded local default (`floorguard stack up`): loopback only, ports chosen to stay clear
 # of a Kafka or PostgreSQL the user may already run on the standard ports, and below Linux's
@@ -65,6 +74,8 @@ class Settings:
     partitions: int
     sweep_interval_ms: int = SWEEP_INTERVAL_DEFAULT_MS
     metrics_port: int = METRICS_PORT_DEFAULT
+    batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT
+    batch_wait_ms: int = BATCH_WAIT_DEFAULT_MS
 
     @classmethod
     def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
@@ -76,6 +87,8 @@ class Settings:
             partitions=int(os.environ.get(ENV_PARTITIONS, PARTITIONS_DEFAULT)),
             sweep_interval_ms=int(os.environ.get(ENV_SWEEP_INTERVAL_MS, SWEEP_INTERVAL_DEFAULT_MS)),
             metrics_port=int(os.environ.get(ENV_METRICS_PORT, METRICS_PORT_DEFAULT)),
+            batch_records_max=int(os.environ.get(ENV_BATCH_RECORDS_MAX, BATCH_RECORDS_MAX_DEFAULT)),
+            batch_wait_ms=int(os.environ.get(ENV_BATCH_WAIT_MS, BATCH_WAIT_DEFAULT_MS)),
         )
 
 

@@ -34,8 +34,6 @@ from worker.core.outgoing import encode
 from worker.store.store import Store
 from worker.sweeper import BrokerClock, Sweeper, expire_command
 
-BATCH_RECORDS_MAX = 5_000  # records fetched at once, over all partitions: batches grow with the load
-BATCH_WAIT_MS = 5  # a lone command is fetched as soon as it lands; this bounds the idle poll
 SESSION_TIMEOUT_MS = 10_000
 GRACEFUL_TIMEOUT_S = 30
 PRODUCER_REQUEST_TIMEOUT_MS = 30_000
@@ -84,8 +82,8 @@ def build_app(settings: Settings) -> FastStream:
         auto_offset_reset="earliest",  # overridden on assignment by the database's offsets
         isolation_level="read_committed",  # a command of an aborted transaction never happened
         ack_policy=AckPolicy.MANUAL,  # Kafka's committed offsets are never the source of truth
-        max_records=BATCH_RECORDS_MAX,
-        batch_timeout_ms=BATCH_WAIT_MS,
+        max_records=settings.batch_records_max,
+        batch_timeout_ms=settings.batch_wait_ms,
         session_timeout_ms=SESSION_TIMEOUT_MS,
         listener=Rebalance(processor, topics.commands),
         parser=_raw_records,
