@@ -110,6 +110,7 @@ def why(results: dict) -> list[str]:
     profiled = results["profile"]
     hot = results["runs"]["this disk"]
     two = hot["floorguard_many_2"]["answered_per_s"]
+    low = results["latency_below"][0]
     lines = [
         "## Why the targets are missed, and what would close them", "",
         f"`loadtest/cpu_profile.py` (py-spy, {worker_profile.SAMPLES_PER_S} samples/s) on one worker saturated by the hot "
@@ -120,14 +121,19 @@ def why(results: dict) -> list[str]:
         "- **The worker is a single Python process and it is CPU-bound, not disk-bound.** PostgreSQL round trips, "
         "the part the seed design spends its time on, are a small share: batching has moved the cost from the "
         "row lock and the flush to per-record Python work (parsing, encoding two JSON documents per decision, "
-        "one aiokafka `send` call per reply and per event). The table above shows the worker near one full core.",
-        "- **The load generator shares the same 2 cores.** It is also Python, and at the offered rate it takes "
-        "a large share of a core (see \"Where the CPU went\"); 20,000/s would need more than the whole machine "
-        "for the generator, the broker and the database alone at these per-record costs.",
+        "one aiokafka `send` call per reply and per event). Python's lock on the interpreter keeps it on one core "
+        f"(busy {results['runs']['this disk']['floorguard_hot']['cores_busy']['worker']} of a core on average in the "
+        "hot run, the rest being waits on the database and the broker).",
+        "- **The load generator, the broker and the database share the same 2 cores.** The generator is Python "
+        "too and takes a large share of a core at the offered rate (\"Where the CPU went\"); at these per-record "
+        "costs 20,000/s would need more than the whole machine for the generator, the broker and the database alone.",
         f"- **More processes help only as far as cores allow:** two worker processes over 10,000 wallets answered "
         f"{two:,}/s against {hot['floorguard_many']['answered_per_s']:,}/s for one, on a machine already near its 2 cores.",
-        "- **Latency follows throughput:** below saturation a reply takes a few milliseconds (the batch's commit "
-        "and the broker's round trips); at 5,000/s offered the worker is at its limit, queues form, and the "
+        f"- **Latency:** at {low['offered_per_s']:,}/s offered the median reply took {low['latency_ms']['p50']} ms. "
+        "A reply waits for the fetch it lands in, that fetch's transaction (a light fetch is one transaction over "
+        "all its partitions: about ten statement round trips and one flush), the broker's acknowledgement of the "
+        "replies (`acks=all`) and the client's own fetch; on 2 shared cores each of these steps queues behind the "
+        "others' work. At 5,000/s offered the worker is past its limit, queues grow for the whole run, and the "
         "percentiles measure the queue.", "",
         "What would close the gap, in order of expected gain: encode each reply once and with a faster encoder "
         "(orjson; the core stays standard library behind an interface); send each partition's replies and events "

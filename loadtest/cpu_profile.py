@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402
 
-SAMPLES_PER_S = 200
+SAMPLES_PER_S = 200  # sampled without pausing the worker (--nonblocking), so that it runs at its speed
 WARM_UP_S = 3  # the run's first seconds, before batches reach their size under load
 CATEGORIES = (  # (name, what a frame of the sampled stack contains)
     ("parse and validate commands (core; json.loads)", "parse (worker/core/parse.py"),
@@ -37,7 +37,7 @@ async def sample(pid: int, seconds: float, out: Path) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     await asyncio.sleep(WARM_UP_S)
     process = await asyncio.create_subprocess_exec(
-        spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", str(SAMPLES_PER_S), "-f", "raw", "-o", str(out),
+        spy, "record", "--nonblocking", "-p", str(pid), "-d", str(int(seconds)), "-r", str(SAMPLES_PER_S), "-f", "raw", "-o", str(out),
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
     await process.wait()
 

@@ -16,13 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from bisect import bisect
 from dataclasses import dataclass, field
@@ -38,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from worker import config  # noqa: E402
-from worker.adapter.topics import create_topics  # noqa: E402
+from worker.adapter.topics import create_topics, delete_topics  # noqa: E402
 from worker.cli import settings as resolve_settings  # noqa: E402
 from worker.config import Topics  # noqa: E402
 from worker.store.migrate import migrate  # noqa: E402
@@ -85,14 +88,45 @@ async def setup(args, current) -> tuple[config.Settings, str]:
     return config.Settings(current.kafka_bootstrap, database_url, topics, f"{prefix}-worker", args.partitions), name
 
 
-def start_workers(settings: config.Settings, count: int, log_dir: Path) -> list[subprocess.Popen]:
+def start_workers(settings: config.Settings, count: int, log_dir: Path) -> list[tuple[subprocess.Popen, int]]:
+    """Worker processes, each with the port of its /health."""
     env = {**os.environ, config.ENV_KAFKA_BOOTSTRAP: settings.kafka_bootstrap,
            config.ENV_DATABASE_URL: settings.database_url, config.ENV_TOPIC_PREFIX: settings.topics.prefix,
            config.ENV_GROUP_ID: settings.group_id}  # fmt: skip
     log_dir.mkdir(parents=True, exist_ok=True)
-    return [subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT, env=env,
-                             stdout=(log_dir / f"worker-{i}.log").open("wb"), stderr=subprocess.STDOUT)
-            for i in range(count)]  # fmt: skip
+    started = []
+    for i in range(count):
+        port = free_port()
+        process = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], cwd=ROOT,
+                                   env={**env, config.ENV_METRICS_PORT: str(port)},
+                                   stdout=(log_dir / f"worker-{i}.log").open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        started.append((process, port))
+    return started
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+async def shared_out(ports: list[int], partitions: int, timeout_s: float = 120) -> None:
+    """Until every worker owns a share and together they own every partition: no rebalance mid-run."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        held = [await asyncio.to_thread(owned, port) for port in ports]
+        if all(held) and sorted(p for share in held for p in share) == list(range(partitions)):
+            return
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"the workers never shared out the {partitions} partitions")
+
+
+def owned(port: int) -> list[int] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+            return json.loads(response.read())["partitions"]
+    except OSError:
+        return None
 
 
 class Client:
@@ -229,17 +263,24 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
     """One run. `on_offer(worker_pids)`, when given, is started as a task once the offer begins."""
     current = current or resolve_settings()
     settings, database = await setup(args, current)
-    workers = start_workers(settings, args.workers, Path(args.logs))
+    started = start_workers(settings, args.workers, Path(args.logs))
+    workers = [process for process, _ in started]
     run, rng = Run(), random.Random(args.seed)
     client = Client(settings, run)
     try:
         await client.start()
+        await shared_out([port for _, port in started], settings.partitions)
         wallets = [f"w{i}" for i in range(args.wallets)]
         await fund(client, wallets, hot_funds=args.rate * args.seconds * AMOUNT_MAX // 4)
         run.histogram.reset()
         run.timeline.clear()
         funded = len(run.replies)
         client.on_reply = close_holds(client, rng)
+        # Every send and reply is kept until the end: the collector would walk them all again and
+        # again, stalling the generator. Nothing here is cyclic garbage worth collecting mid-run.
+        gc.collect()
+        gc.freeze()
+        gc.disable()
         run.started = time.monotonic()
         cpu_before = cpu_seconds([worker.pid for worker in workers])
         watcher = asyncio.create_task(on_offer([worker.pid for worker in workers])) if on_offer else None
@@ -253,6 +294,7 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         checks = await check(settings, run)
         resident_mib = [resident_size_mib(worker.pid) for worker in workers]
     finally:
+        gc.enable()
         await client.stop()
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
@@ -261,6 +303,7 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         admin = await asyncpg.connect(current.database_url)
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
+        await delete_topics(current.kafka_bootstrap, settings.topics)
     answered = len(run.replies) - funded
     h = run.histogram
     return {

@@ -84,14 +84,16 @@ async def database_url(services: Services, template_database: str) -> AsyncItera
 
 
 @pytest.fixture
-async def settings(services: Services, database_url: str) -> Settings:
-    """Settings of one test: its own database, topics and consumer group."""
-    from worker.adapter.topics import create_topics
+async def settings(services: Services, database_url: str) -> AsyncIterator[Settings]:
+    """Settings of one test: its own database, topics and consumer group. The topics are deleted
+    at its end, so that the broker does not carry every test's partitions into the next."""
+    from worker.adapter.topics import create_topics, delete_topics
 
     prefix = f"test-{uuid.uuid4().hex[:10]}"
     topics = Topics(prefix)
     await create_topics(services.kafka_bootstrap, topics, TEST_PARTITIONS)
-    return Settings(services.kafka_bootstrap, database_url, topics, f"{prefix}-worker", TEST_PARTITIONS)
+    yield Settings(services.kafka_bootstrap, database_url, topics, f"{prefix}-worker", TEST_PARTITIONS)
+    await delete_topics(services.kafka_bootstrap, topics)
 
 
 def skewed_clock(offset: str) -> dict[str, str]:

@@ -11,11 +11,11 @@ import pytest
 
 from tests.conftest import ROOT, wait_until_serving, worker_env
 from tests.harness import Replies, books, events, send_all
-from worker.core.model import Record
+from worker.core.model import Parsed, Record
 from worker.core.outgoing import outgoing
 from worker.core.parse import parse
 from worker.store.queries import QUERIES
-from worker.store.store import Fenced, Store
+from worker.store.store import Fenced, PartitionBatch, Store
 
 
 async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
@@ -69,6 +69,34 @@ async def test_a_stale_owner_can_neither_apply_nor_advance(settings):
         await store.close()
     wallets, decided = await books_after_outbox_cleared(settings.database_url)
     assert wallets["w"]["seq"] == 1 and decided[("w", "o1")] == 1
+
+
+async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_stale(settings):
+    store = await Store.connect(settings.database_url)
+    topic = settings.topics.commands
+    try:
+        for partition in (0, 1):
+            assert await store.claim(topic, partition) == 0
+
+        def opening(partition: int, offset: int, wallet: str) -> Parsed:
+            value = b'{"v":1,"op":"open","id":"o","wallet":"%s"}' % wallet.encode()
+            return parse(Record(partition, offset, 1_000, wallet.encode(), value, ()), ())
+
+        def render(decision):
+            return outgoing(decision, settings.topics.events, settings.topics.dlq, topic)
+
+        await store.apply_batch(topic, 1, 0, [opening(1, 0, "b0")], render)  # partition 1 moved on
+        outcome = await store.apply_batches(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
+                                                    PartitionBatch(1, 0, [opening(1, 0, "b0")])], render)  # fmt: skip
+        assert isinstance(outcome[1], Fenced) and outcome[1].stored_offset == 1
+        committed = outcome[0]
+        assert committed.next_offset == 2 and [d.reply["wallet"] for d in committed.decisions] == ["a0", "a1"]
+        assert len(committed.outbox) == 2  # the two events of partition 0, nothing of the fenced one
+        assert await store.claim(topic, 0) == 2 and await store.claim(topic, 1) == 1
+    finally:
+        await store.close()
+    wallets, decided = await books_after_outbox_cleared(settings.database_url)
+    assert sorted(wallets) == ["a0", "a1", "b0"] and all(count == 1 for count in decided.values())
 
 
 async def books_after_outbox_cleared(database_url: str):

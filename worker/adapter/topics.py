@@ -49,6 +49,19 @@ async def create_topics(bootstrap: str, topics: Topics, partitions: int) -> list
     return created
 
 
+async def delete_topics(bootstrap: str, topics: Topics) -> None:
+    """Delete the four topics of a prefix, those that exist (a load run's or a test's, at its end)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    await admin.start()
+    try:
+        existing = set(await admin.list_topics())
+        doomed = [name for name in topics.all() if name in existing]
+        if doomed:
+            await admin.delete_topics(doomed)
+    finally:
+        await admin.close()
+
+
 async def check_commands_topic(bootstrap: str, topics: Topics) -> int:
     """Refuse a commands topic that is not LogAppendTime with infinite retention.
 

@@ -9,8 +9,10 @@ ON CONFLICT (topic, partition) DO NOTHING;
 -- name: partition_position
 SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2;
 
--- name: lock_partition
-SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2 FOR UPDATE;
+-- name: lock_partitions
+SELECT partition, next_offset, clock_ms FROM partitions
+WHERE topic = $1 AND partition = ANY($2::integer[])
+ORDER BY partition FOR UPDATE;
 
 -- name: advance_partition
 UPDATE partitions SET next_offset = $4, clock_ms = $5
@@ -56,9 +58,10 @@ SELECT * FROM unnest(
 
 -- name: insert_outbox
 INSERT INTO outbox (source_topic, source_partition, topic, partition, key, value, headers)
-SELECT $1, $2, topic, partition, key, value, headers
-FROM unnest($3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
-    AS o (topic, partition, key, value, headers)
+SELECT $1, source_partition, topic, partition, key, value, headers
+FROM unnest($2::integer[], $3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
+    WITH ORDINALITY AS o (source_partition, topic, partition, key, value, headers, n)
+ORDER BY n
 RETURNING position;
 
 -- name: outbox_of_partition

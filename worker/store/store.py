@@ -1,4 +1,4 @@
-"""The ledger's PostgreSQL side: one transaction per partition batch, fenced by the stored offset."""
+"""The ledger's PostgreSQL side: one transaction per fetched batch, each partition fenced by its stored offset."""
 
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ class GuardRefused(AssertionError):
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionBatch:
+    partition: int
+    seen_offset: int  # the next offset this worker last saw stored for the partition
+    records: Sequence[Parsed]
+
+
+@dataclass(frozen=True, slots=True)
 class Committed:
     next_offset: int
     decisions: list[Decision]
@@ -85,64 +92,110 @@ class Store:
         render: Callable[[Decision], list[Outgoing]],
         published: Sequence[int] = (),
     ) -> Committed:
-        """Decide and store a batch of one partition in one transaction.
+        """Decide and store a batch of one partition in one transaction (see `apply_batches`)."""
+        outcome = (await self.apply_batches(topic, [PartitionBatch(partition, seen_offset, batch)], render, published))[partition]
+        if isinstance(outcome, Fenced):
+            raise outcome
+        return outcome
 
-        Records below `seen_offset` were decided before and are skipped. Raises `Fenced` when the
-        stored offset moved away from `seen_offset`, which only another worker can have done.
-        `published` names outbox rows the broker has acknowledged since: they are deleted in the
-        same transaction, which saves a commit of their own.
+    async def apply_batches(
+        self,
+        topic: str,
+        batches: Sequence[PartitionBatch],
+        render: Callable[[Decision], list[Outgoing]],
+        published: Sequence[int] = (),
+    ) -> dict[int, Committed | Fenced]:
+        """Decide and store the batches of several partitions in one transaction: one flush for all.
+
+        Each partition is decided on its own by the core, in offset order, exactly as alone.
+        Records below a partition's `seen_offset` were decided before and are skipped. A partition
+        whose stored offset moved away from its `seen_offset` (only another worker can have done
+        that) is left out and answered with `Fenced`; the others are committed. `published` names
+        outbox rows the broker has acknowledged since: they are deleted in the same transaction.
         """
-        fresh = [parsed for parsed in batch if parsed.record.offset >= seen_offset]
-        assert all(parsed.record.partition == partition for parsed in fresh)
+        outcome: dict[int, Committed | Fenced] = {}
+        fresh: dict[int, tuple[int, list[Parsed]]] = {}
+        for batch in batches:
+            records = [parsed for parsed in batch.records if parsed.record.offset >= batch.seen_offset]
+            assert all(parsed.record.partition == batch.partition for parsed in records)
+            if records:
+                fresh[batch.partition] = (batch.seen_offset, records)
+            else:
+                outcome[batch.partition] = Committed(batch.seen_offset, [], [])
         if not fresh:
             await self.delete_outbox(published)
-            return Committed(seen_offset, [], [])
-        next_offset = fresh[-1].record.offset + 1
+            return outcome
+        if _wallets_shared(fresh):
+            # A wallet written from two partitions (a producer that chose partitions by hand) is
+            # decided partition by partition, so that each sees the other's writes.
+            for i, (partition, (seen, records)) in enumerate(fresh.items()):
+                one = await self.apply_batches(topic, [PartitionBatch(partition, seen, records)], render,
+                                               published if i == 0 else ())  # fmt: skip
+                outcome.update(one)
+            return outcome
         async with self._pool.acquire() as connection, connection.transaction():
-            row = await connection.fetchrow(QUERIES["lock_partition"], topic, partition)
-            if row is None or row["next_offset"] != seen_offset:
-                raise Fenced(partition, -1 if row is None else int(row["next_offset"]))
-            state = await self._load(connection, partition, int(row["clock_ms"]), fresh)
-            before = dict(state.wallets)
-            decisions = decide_batch(state, fresh)
-            await self._write_wallets(connection, before, state.wallets)
-            await self._write_holds(connection, [d.hold for d in decisions if d.stored and d.hold is not None])
-            await self._write_decisions(connection, [d for d in decisions if d.stored])
-            outbox = await self._write_outbox(connection, topic, partition, decisions, render)
+            # Locked in partition order, so that two workers never wait on each other in a cycle.
+            rows = await connection.fetch(QUERIES["lock_partitions"], topic, sorted(fresh))
+            stored = {int(row["partition"]): row for row in rows}
+            owned: dict[int, tuple[int, list[Parsed], int]] = {}
+            for partition, (seen, records) in fresh.items():
+                row = stored.get(partition)
+                if row is None or row["next_offset"] != seen:
+                    outcome[partition] = Fenced(partition, -1 if row is None else int(row["next_offset"]))
+                else:
+                    owned[partition] = (seen, records, int(row["clock_ms"]))
+            states = await self._load(connection, {p: (clock, records) for p, (_, records, clock) in owned.items()})
+            before = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
+            decided = {partition: decide_batch(states[partition], records) for partition, (_, records, _) in owned.items()}
+            after = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
+            every = [decision for decisions in decided.values() for decision in decisions]
+            await self._write_wallets(connection, before, after)
+            await self._write_holds(connection, [d.hold for d in every if d.stored and d.hold is not None])
+            await self._write_decisions(connection, [d for d in every if d.stored])
+            outboxes = await self._write_outbox(connection, topic, decided, render)
             if published:
                 await connection.execute(QUERIES["delete_outbox"], list(published))
-            status = await connection.execute(
-                QUERIES["advance_partition"], topic, partition, seen_offset, next_offset, state.clock_ms
-            )
-            assert status == "UPDATE 1", status
-        return Committed(next_offset, decisions, outbox)
+            advanced = [(topic, partition, seen, records[-1].record.offset + 1, states[partition].clock_ms)
+                        for partition, (seen, records, _) in owned.items()]  # fmt: skip
+            if advanced:
+                await connection.executemany(QUERIES["advance_partition"], advanced)  # the rows are locked above
+        for partition, (_, records, _) in owned.items():
+            outcome[partition] = Committed(records[-1].record.offset + 1, decided[partition], outboxes[partition])
+        return outcome
 
     async def _load(
-        self, connection: asyncpg.Connection, partition: int, clock_ms: int, batch: Sequence[Parsed]
-    ) -> PartitionState:
-        state = PartitionState(partition, clock_ms)
-        keys = sorted({(p.command.wallet, p.command.id) for p in batch if not _invalid(p)})
-        if not keys:
-            return state
-        wallets = sorted({wallet for wallet, _ in keys})
-        for row in await connection.fetch(QUERIES["load_wallets"], wallets):
-            state.wallets[row["wallet"]] = Wallet(**dict(row))
-        rows = await connection.fetch(
-            QUERIES["load_decisions"], [wallet for wallet, _ in keys], [id_ for _, id_ in keys]
-        )
+        self, connection: asyncpg.Connection, batches: dict[int, tuple[int, Sequence[Parsed]]]
+    ) -> dict[int, PartitionState]:
+        """Each partition's state for its batch: the wallets, decisions, holds and prices it names."""
+        states = {partition: PartitionState(partition, clock_ms) for partition, (clock_ms, _) in batches.items()}
+        keys = {partition: {(p.command.wallet, p.command.id) for p in batch if not _invalid(p)}
+                for partition, (_, batch) in batches.items()}  # fmt: skip
+        commands = {partition: [p.command for p in batch if isinstance(p.command, Command)]
+                    for partition, (_, batch) in batches.items()}  # fmt: skip
+        owner = {wallet: partition for partition, pairs in keys.items() for wallet, _ in pairs}
+        if not owner:
+            return states
+        for row in await connection.fetch(QUERIES["load_wallets"], sorted(owner)):
+            states[owner[row["wallet"]]].wallets[row["wallet"]] = Wallet(**dict(row))
+        pairs = sorted(pair for partition_pairs in keys.values() for pair in partition_pairs)
+        rows = await connection.fetch(QUERIES["load_decisions"], [wallet for wallet, _ in pairs], [id_ for _, id_ in pairs])
         for row in rows:
-            state.decisions[(row["wallet"], row["id"])] = StoredDecision(row["fingerprint"], json.loads(row["reply"]))
-        commands = [p.command for p in batch if isinstance(p.command, Command)]
-        holds = sorted({(c.wallet, c.hold) for c in commands if c.hold is not None})
+            stored = StoredDecision(row["fingerprint"], json.loads(row["reply"]))
+            states[owner[row["wallet"]]].decisions[(row["wallet"], row["id"])] = stored
+        holds = sorted({(c.wallet, c.hold) for batch in commands.values() for c in batch if c.hold is not None})
         if holds:
             rows = await connection.fetch(QUERIES["load_holds"], [w for w, _ in holds], [h for _, h in holds])
             for row in rows:
-                state.holds[(row["wallet"], row["hold"])] = Hold(**dict(row))
-        models = sorted({c.usage.model for c in commands if c.usage is not None})
-        if models:
-            for row in await connection.fetch(QUERIES["load_prices"], models):
-                state.prices.setdefault(row["model"], []).append(Price(**dict(row)))
-        return state
+                states[owner[row["wallet"]]].holds[(row["wallet"], row["hold"])] = Hold(**dict(row))
+        models = {partition: {c.usage.model for c in batch if c.usage is not None} for partition, batch in commands.items()}
+        wanted = sorted(set().union(*models.values()))
+        if wanted:
+            prices: dict[str, list[Price]] = {}
+            for row in await connection.fetch(QUERIES["load_prices"], wanted):
+                prices.setdefault(row["model"], []).append(Price(**dict(row)))
+            for partition, names in models.items():
+                states[partition].prices.update({name: prices[name] for name in names if name in prices})
+        return states
 
     async def _write_wallets(
         self, connection: asyncpg.Connection, before: dict[str, Wallet], after: dict[str, Wallet]
@@ -207,24 +260,28 @@ class Store:
         self,
         connection: asyncpg.Connection,
         topic: str,
-        partition: int,
-        decisions: list[Decision],
+        decided: dict[int, list[Decision]],
         render: Callable[[Decision], list[Outgoing]],
-    ) -> list[tuple[int, Outgoing]]:
-        records = [record for decision in decisions for record in render(decision)]
+    ) -> dict[int, list[tuple[int, Outgoing]]]:
+        """Each partition's records to publish, with their outbox positions, in decision order."""
+        records = [(partition, record) for partition, decisions in decided.items()
+                   for decision in decisions for record in render(decision)]  # fmt: skip
+        outboxes: dict[int, list[tuple[int, Outgoing]]] = {partition: [] for partition in decided}
         if not records:
-            return []
+            return outboxes
         rows = await connection.fetch(
             QUERIES["insert_outbox"],
             topic,
-            partition,
-            [r.topic for r in records],
-            [r.partition for r in records],
-            [r.key for r in records],
-            [r.value for r in records],
-            [encode_headers(r.headers) for r in records],
+            [partition for partition, _ in records],
+            [r.topic for _, r in records],
+            [r.partition for _, r in records],
+            [r.key for _, r in records],
+            [r.value for _, r in records],
+            [encode_headers(r.headers) for _, r in records],
         )
-        return list(zip((int(row["position"]) for row in rows), records, strict=True))
+        for row, (partition, record) in zip(rows, records, strict=True):
+            outboxes[partition].append((int(row["position"]), record))
+        return outboxes
 
     async def pending_outbox(self, topic: str, partition: int) -> list[tuple[int, Outgoing]]:
         """What an earlier owner of the partition committed but may not have published."""
@@ -277,6 +334,17 @@ def _invalid(parsed: Parsed) -> bool:
 
 def _opening(wallet: Wallet) -> Wallet:
     return Wallet(wallet.wallet, 0, 0, wallet.floor, 1, wallet.partition)
+
+
+def _wallets_shared(batches: dict[int, tuple[int, list[Parsed]]]) -> bool:
+    """True when some wallet is named by the batches of two partitions."""
+    seen: set[str] = set()
+    for _, records in batches.values():
+        names = {p.command.wallet for p in records if not _invalid(p)}
+        if names & seen:
+            return True
+        seen |= names
+    return False
 
 
 def encode_headers(headers: tuple[tuple[str, bytes], ...]) -> str:
