@@ -176,16 +176,17 @@ class Processor:
             owned = {p: batch for p, batch in batches.items() if p in self._seen}
             if not owned:
                 return  # revoked since the fetch: the new owner decides these
-            published = [position for p in owned for position in self._published.pop(p, [])]
+            taken = {p: self._published.pop(p, []) for p in owned}
             self._applying.update(owned)
             try:
                 began_s = time.monotonic()
                 outcome = await self._store.apply_batches(
                     self._topics.commands, [PartitionBatch(p, self._seen[p], batch) for p, batch in owned.items()],
-                    self.render, published)  # fmt: skip
+                    self.render, [position for positions in taken.values() for position in positions])  # fmt: skip
                 metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
             except INFRA_ERRORS as error:
-                self._published.setdefault(min(owned), []).extend(published)
+                for p, positions in taken.items():
+                    self._published.setdefault(p, []).extend(positions)
                 metrics.HEALTH.last_error = f"partitions {sorted(owned)}: {error!r}"
                 log.warning("partitions %s: attempt %d failed: %r", sorted(owned), attempt, error)
                 await asyncio.sleep(delay_s)
