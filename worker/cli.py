@@ -23,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     chatty = args.run in (_worker, _run)  # a service logs its progress; a one-shot command only trouble
     logging.basicConfig(level=logging.INFO if chatty else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")  # fmt: skip
-    return args.run(args)
+    try:
+        return args.run(args)
+    except config.Misconfigured as error:
+        print(f"floorguard: {error}", file=sys.stderr)
+        return EXIT_FAILED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -111,6 +115,25 @@ def _parser() -> argparse.ArgumentParser:
     add.add_argument("--from", dest="valid_from", help="RFC 3339 start (default: a minute from now)")
     add.set_defaults(run=_price_add)
     price.add_parser("list", help="every row, oldest first", parents=[output]).set_defaults(run=_price_list)
+
+    key = commands.add_parser("key", help="keys that sign commands (see docs/security.md)").add_subparsers(
+        required=True, metavar="ACTION")  # fmt: skip
+    create = key.add_parser("create", help="a new key; its secret is printed once", parents=[output])
+    scope = create.add_mutually_exclusive_group(required=True)
+    scope.add_argument("--wallet", help="a spend key: charge, reserve, extend, capture, release on this wallet only")
+    scope.add_argument("--admin", action="store_true", help="an admin key: every op on every wallet")
+    create.add_argument("--label", default="", help="who or what holds it (free text, not secret)")
+    create.set_defaults(run=_key_create)
+    key.add_parser("list", help="every key, its scope and whether it is revoked", parents=[output]).set_defaults(
+        run=_key_list)  # fmt: skip
+    revoke = key.add_parser("revoke", help="refuse every command signed with the key from now on")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(run=_key_revoke)
+    auth = commands.add_parser("auth", help="whether commands must be signed")
+    auth.add_argument("action", choices=("status", "required", "off"),
+                      help="show the mode, or switch it for every worker (workers started with "
+                           f"{config.ENV_AUTH}=required switch it on themselves)")  # fmt: skip
+    auth.set_defaults(run=_auth)
     return parser
 
 
@@ -141,6 +164,8 @@ def settings() -> Settings:
     from worker import stack
 
     endpoints = stack.up()
+    if not os.environ.get(config.ENV_MASTER_SECRET) and not os.environ.get(config.ENV_MASTER_SECRET_FILE):
+        os.environ[config.ENV_MASTER_SECRET_FILE] = str(stack.master_secret_file())
     return Settings.from_env(endpoints.kafka_bootstrap, endpoints.database_url)
 
 
@@ -155,6 +180,7 @@ def _stack(args: argparse.Namespace) -> int:
             endpoints = Settings.from_env()
         else:
             endpoints = stack.up()
+            print(f"export {config.ENV_MASTER_SECRET_FILE}={shlex.quote(str(stack.master_secret_file()))}")
         print(f"export {config.ENV_KAFKA_BOOTSTRAP}={shlex.quote(endpoints.kafka_bootstrap)}")
         print(f"export {config.ENV_DATABASE_URL}={shlex.quote(endpoints.database_url)}")
     elif args.action == "down":
@@ -189,13 +215,9 @@ def _worker(args: argparse.Namespace) -> int:
     import uvloop
 
     from worker.adapter.app import build_app
-    from worker.adapter.topics import TopicMisconfigured
 
     try:
         uvloop.run(build_app(settings()).run())
-    except TopicMisconfigured as error:
-        print(f"floorguard worker: {error}", file=sys.stderr)
-        return EXIT_FAILED
     except KeyboardInterrupt:
         pass
     return 0
@@ -233,7 +255,8 @@ def _send(args: argparse.Namespace, op: str, **fields: Any) -> int:
     command = build_command(op, args.wallet, args.id, args.memo, **fields)
 
     async def send() -> Any:
-        async with Ledger(current.kafka_bootstrap, topic_prefix=current.topics.prefix, timeout_s=args.timeout) as ledger:
+        async with Ledger(current.kafka_bootstrap, topic_prefix=current.topics.prefix, timeout_s=args.timeout,
+                          key=os.environ.get(config.ENV_KEY) or None) as ledger:  # fmt: skip
             return await ledger.send(command, raise_on_refusal=False)
 
     reply = asyncio.run(send())
@@ -278,7 +301,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     current = settings()
     try:
-        result = asyncio.run(replay(current.kafka_bootstrap, current.topics, current.database_url, args.into))
+        result = asyncio.run(replay(current.kafka_bootstrap, current.topics, current.database_url, args.into,
+                                    master_secret=current.master_secret))  # fmt: skip
     except NotEmpty as error:
         print(f"floorguard replay: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -373,6 +397,110 @@ def _price_json(row: Any) -> dict[str, Any]:
 def _price_line(row: Any) -> str:
     shown = _price_json(row)
     return f"{shown['model']:<24} from {shown['valid_from']}  input {row.input_price:,}  output {row.output_price:,}"
+
+
+# --- keys and authentication -------------------------------------------------------------------
+
+
+async def _with_connection(action: Any) -> Any:
+    from worker.store import books
+
+    connection = await books.connect(settings().database_url)
+    try:
+        return await action(connection)
+    finally:
+        await connection.close()
+
+
+def _master() -> bytes:
+    master = config.master_secret_from_env()
+    if master is None:
+        raise config.Misconfigured(f"keys are derived from the master secret: set {config.ENV_MASTER_SECRET_FILE} "
+                                   f"or {config.ENV_MASTER_SECRET}")  # fmt: skip
+    return master
+
+
+def _key_create(args: argparse.Namespace) -> int:
+    from worker.core.auth import Scope
+    from worker.store import keys
+
+    settings()  # starts the local stack, and names its master secret, when nothing else names one
+    master = _master()
+    scope = Scope.ADMIN if args.admin else Scope.WALLET
+    try:
+        made = asyncio.run(_with_connection(lambda c: keys.create_key(c, master, scope, args.wallet, args.label)))
+    except keys.WrongMasterSecret as error:
+        raise config.Misconfigured(str(error)) from None
+    if args.json:
+        print(json.dumps({**_key_json(made.key), "secret": made.secret}))
+    else:
+        print(f"key {made.key.key_id} ({_scope_text(made.key)}), valid from {_time(made.key.valid_from_ms)}")
+        print("its secret is shown this once and stored nowhere; give it to the key's holder now:")
+        print(f"export {config.ENV_KEY}={made.key.key_id}:{made.secret}")
+    return 0
+
+
+def _key_list(args: argparse.Namespace) -> int:
+    from worker.store import keys
+
+    for row in asyncio.run(_with_connection(keys.list_keys)):
+        if args.json:
+            print(json.dumps(_key_json(row)))
+        else:
+            state = f"revoked {_time(row.revoked_at_ms)}" if row.revoked_at_ms is not None else "active"
+            print(f"{row.key_id:<26} {_scope_text(row):<32} {state:<34} {row.label}")
+    return 0
+
+
+def _key_revoke(args: argparse.Namespace) -> int:
+    from worker.store import keys
+
+    revoked_at_ms = asyncio.run(_with_connection(lambda c: keys.revoke_key(c, args.key_id)))
+    if revoked_at_ms is None:
+        print(f"no active key {args.key_id}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"revoked {args.key_id}: every command it signs from {_time(revoked_at_ms)} on is refused (401)")
+    return 0
+
+
+def _auth(args: argparse.Namespace) -> int:
+    from worker.store import keys
+
+    if args.action == "status":
+        print(asyncio.run(_with_connection(keys.current_mode)))
+        return 0
+    if args.action == "required":
+        master = _master()
+
+        async def switch_on(connection: Any) -> int | None:
+            await keys.check_master(connection, master)
+            await keys.ensure_sweeper_key(connection, master)
+            return await keys.set_mode(connection, "required")
+
+        valid_from_ms = asyncio.run(_with_connection(switch_on))
+    else:
+        valid_from_ms = asyncio.run(_with_connection(lambda c: keys.set_mode(c, "off")))
+    if valid_from_ms is None:
+        print(f"authentication is {args.action} already")
+    else:
+        print(f"authentication {args.action} for every command from {_time(valid_from_ms)} on")
+    return 0
+
+
+def _key_json(row: Any) -> dict[str, Any]:
+    return {"key_id": row.key_id, "scope": row.scope.value, "wallet": row.wallet, "label": row.label,
+            "valid_from": _time(row.valid_from_ms),
+            "revoked_at": None if row.revoked_at_ms is None else _time(row.revoked_at_ms)}  # fmt: skip
+
+
+def _scope_text(row: Any) -> str:
+    return {"wallet": f"spends from {row.wallet}", "admin": "admin", "expire": "expires holds"}[row.scope.value]
+
+
+def _time(at_ms: int) -> str:
+    from worker.core.decide import format_time
+
+    return format_time(at_ms)
 
 
 def _show(args: argparse.Namespace) -> int:

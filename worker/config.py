@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 ENV_KAFKA_BOOTSTRAP = "FLOORGUARD_KAFKA_BOOTSTRAP"
 ENV_DATABASE_URL = "FLOORGUARD_DATABASE_URL"
@@ -14,6 +15,12 @@ ENV_SWEEP_INTERVAL_MS = "FLOORGUARD_SWEEP_INTERVAL_MS"
 ENV_METRICS_PORT = "FLOORGUARD_METRICS_PORT"
 ENV_BATCH_RECORDS_MAX = "FLOORGUARD_BATCH_RECORDS_MAX"
 ENV_BATCH_WAIT_MS = "FLOORGUARD_BATCH_WAIT_MS"
+ENV_AUTH = "FLOORGUARD_AUTH"  # off | required
+ENV_MASTER_SECRET = "FLOORGUARD_MASTER_SECRET"
+ENV_MASTER_SECRET_FILE = "FLOORGUARD_MASTER_SECRET_FILE"
+ENV_KEY = "FLOORGUARD_KEY"  # <key_id>:<secret>, what the CLI signs its commands with
+AUTH_MODES = ("off", "required")
+MASTER_SECRET_LENGTH_MIN_CHARS = 32
 
 TOPIC_PREFIX_DEFAULT = "floorguard"
 GROUP_ID_DEFAULT = "floorguard-worker"
@@ -37,6 +44,10 @@ LOCAL_KAFKA_CONTROLLER_PORT = 29093
 LOCAL_POSTGRES_PORT = 25432
 LOCAL_KAFKA_BOOTSTRAP = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
 LOCAL_DATABASE_URL = f"postgresql://floorguard@127.0.0.1:{LOCAL_POSTGRES_PORT}/floorguard"
+
+
+class Misconfigured(Exception):
+    """A setting the worker cannot run with: it stops (exit 2) and names the setting."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +87,8 @@ class Settings:
     metrics_port: int = METRICS_PORT_DEFAULT
     batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT
     batch_wait_ms: int = BATCH_WAIT_DEFAULT_MS
+    auth_required: bool = False
+    master_secret: bytes | None = field(default=None, repr=False)  # never printed, never logged
 
     @classmethod
     def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
@@ -89,7 +102,36 @@ class Settings:
             metrics_port=int(os.environ.get(ENV_METRICS_PORT, METRICS_PORT_DEFAULT)),
             batch_records_max=int(os.environ.get(ENV_BATCH_RECORDS_MAX, BATCH_RECORDS_MAX_DEFAULT)),
             batch_wait_ms=int(os.environ.get(ENV_BATCH_WAIT_MS, BATCH_WAIT_DEFAULT_MS)),
+            auth_required=_auth_required(),
+            master_secret=master_secret_from_env(),
         )
+
+
+def _auth_required() -> bool:
+    mode = os.environ.get(ENV_AUTH, "off")
+    if mode not in AUTH_MODES:
+        raise Misconfigured(f"{ENV_AUTH} must be one of {', '.join(AUTH_MODES)}, not {mode!r}")
+    return mode == "required"
+
+
+def master_secret_from_env() -> bytes | None:
+    """The operators' master secret, from $FLOORGUARD_MASTER_SECRET_FILE (preferred: it stays out
+    of process listings) or $FLOORGUARD_MASTER_SECRET; None when neither is set."""
+    path = os.environ.get(ENV_MASTER_SECRET_FILE)
+    if path:
+        try:
+            text = Path(path).read_text().strip()
+        except OSError as error:
+            raise Misconfigured(f"{ENV_MASTER_SECRET_FILE}: cannot read {path} ({error.strerror})") from None
+        source = ENV_MASTER_SECRET_FILE
+    else:
+        text = os.environ.get(ENV_MASTER_SECRET, "").strip()
+        source = ENV_MASTER_SECRET
+        if not text:
+            return None
+    if len(text) < MASTER_SECRET_LENGTH_MIN_CHARS:
+        raise Misconfigured(f"{source}: the master secret must be at least {MASTER_SECRET_LENGTH_MIN_CHARS} characters")
+    return text.encode()
 
 
 def endpoints_in_env() -> bool:

@@ -2,8 +2,10 @@
 
 Offset 0 to the end (as it was when the replay began), each partition's records in order, in the
 same per-partition batch transaction the worker uses (`Store.apply_batch`), with nothing to
-publish. The price table is the one input outside the log: its rows are copied from the source
-ledger first (they are append-only, so a copy is exact).
+publish. The price table and the auth tables (keys and modes: scopes and times, no secret) are the
+inputs outside the log: their rows are copied from the source ledger first (they are append-only,
+so a copy is exact). A log written with authentication on is replayed with the same master secret,
+so that every signature is checked again and every 401 and 403 is given again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from aiokafka import ConsumerRecord
 
 from worker.adapter.processor import record_of
 from worker.adapter.streams import read_to_end, topic_partitions
-from worker.config import Topics
+from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, Misconfigured, Topics
+from worker.core.auth import master_check
 from worker.core.parse import parse
 from worker.store import books
 from worker.store.migrate import migrate
@@ -42,17 +45,19 @@ class Replayed:
 
 
 async def replay(bootstrap: str, topics: Topics, source_url: str, target_url: str,
-                 progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Replayed:  # fmt: skip
+                 progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+                 master_secret: bytes | None = None) -> Replayed:  # fmt: skip
     await migrate(target_url)
-    store = await Store.connect(target_url)
+    store = await Store.connect(target_url, master_secret=master_secret)
     try:
-        await _prepare(store, source_url, target_url, topics, bootstrap)
+        await _prepare(store, source_url, target_url, topics, bootstrap, master_secret)
         return await _run(store, bootstrap, topics, progress)
     finally:
         await store.close()
 
 
-async def _prepare(store: Store, source_url: str, target_url: str, topics: Topics, bootstrap: str) -> None:
+async def _prepare(store: Store, source_url: str, target_url: str, topics: Topics, bootstrap: str,
+                   master_secret: bytes | None) -> None:  # fmt: skip
     target = await books.connect(target_url)
     source = await books.connect(source_url)
     try:
@@ -60,6 +65,16 @@ async def _prepare(store: Store, source_url: str, target_url: str, topics: Topic
             raise NotEmpty("replay --into needs an empty database")
         for row in await source.fetch(books.QUERIES["list_prices"]):
             await target.execute(books.QUERIES["copy_price"], *row.values())
+        modes = await source.fetch(books.QUERIES["auth_modes"])
+        for row in modes:
+            await target.execute(books.QUERIES["auth_copy_mode"], *row.values())
+        for row in await source.fetch(books.QUERIES["auth_list_keys"]):
+            await target.execute(books.QUERIES["auth_copy_key"], *row.values())
+        if any(row["mode"] == "required" for row in modes):
+            settings = await source.fetchrow(books.QUERIES["auth_version"])
+            if master_secret is None or settings["master_check"] != master_check(master_secret):
+                raise Misconfigured(f"this log was written with authentication on: replay needs the ledger's master "
+                                    f"secret ({ENV_MASTER_SECRET_FILE} or {ENV_MASTER_SECRET})")  # fmt: skip
     finally:
         await source.close()
         await target.close()

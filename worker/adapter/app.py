@@ -29,8 +29,10 @@ from worker.adapter.processor import Processor, Rebalance
 from worker.adapter.publisher import Publisher
 from worker.adapter.topics import check_commands_topic
 from worker.config import Settings
+from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
 from worker.core.model import Hold
 from worker.core.outgoing import encode
+from worker.store.keys import prepare_worker
 from worker.store.store import Store
 from worker.sweeper import BrokerClock, Sweeper, expire_command
 
@@ -61,13 +63,17 @@ def build_app(settings: Settings) -> FastStream:
     clock = BrokerClock()
     processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock)
 
+    # The sweeper signs its expires with the workers' own key, which may expire and nothing else.
+    sweeper_secret = derive_secret(settings.master_secret, SWEEPER_KEY_ID) if settings.master_secret else None
+
     async def send_expires(holds: Sequence[Hold]) -> int | None:
         """The sweeper's expires, to the commands topic; returns the broker's latest timestamp."""
         producer = _producer(broker)
-        futures = [
-            await producer.send(topics.commands, value=encode(expire_command(hold)), key=hold.wallet.encode())
-            for hold in holds
-        ]
+        futures = []
+        for hold in holds:
+            value = encode(expire_command(hold))
+            headers = [auth_header(SWEEPER_KEY_ID, sweeper_secret, value)] if sweeper_secret else None
+            futures.append(await producer.send(topics.commands, value=value, key=hold.wallet.encode(), headers=headers))
         sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
         return max((metadata.timestamp for metadata in sent), default=None)
 
@@ -113,8 +119,11 @@ def build_app(settings: Settings) -> FastStream:
     async def lifespan() -> AsyncIterator[None]:
         partitions = await check_commands_topic(settings.kafka_bootstrap, topics)
         log.info("%s has %d partitions, LogAppendTime, retention forever", topics.commands, partitions)
-        runtime["store"] = await Store.connect(settings.database_url)
+        runtime["store"] = await Store.connect(settings.database_url, master_secret=settings.master_secret)
         try:
+            async with runtime["store"].pool.acquire() as connection:
+                mode = await prepare_worker(connection, settings.auth_required, settings.master_secret)
+            log.info("authentication: %s", mode)
             yield
         finally:
             await processor.flush()  # what was committed goes out before the worker does

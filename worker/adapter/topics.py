@@ -6,7 +6,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError
 
-from worker.config import Topics
+from worker.config import Misconfigured, Topics
 
 ADMIN_TIMEOUT_MS = 30_000
 REPLIES_RETENTION_MS = 24 * 60 * 60 * 1000
@@ -16,7 +16,7 @@ DLQ_RETENTION_MS = 30 * 24 * 60 * 60 * 1000
 COMMANDS_CONFIG = {"retention.ms": "-1", "message.timestamp.type": "LogAppendTime", "cleanup.policy": "delete"}
 
 
-class TopicMisconfigured(RuntimeError):
+class TopicMisconfigured(Misconfigured):
     pass
 
 

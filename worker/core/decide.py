@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, assert_never
 
+from worker.core.auth import authenticate, authorize
 from worker.core.codes import SAFE_INTEGER_MAX, STATUS_OK, ErrorCode, Op
 from worker.core.model import (
     TTL_DEFAULT_MS,
@@ -64,6 +65,11 @@ def decide_batch(state: PartitionState, batch: Iterable[Parsed]) -> list[Decisio
 
 def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
     command = parsed.command
+    key = None
+    if state.authority is not None and state.authority.required_at(at_ms):
+        key = authenticate(state.authority, parsed.record, at_ms)
+        if isinstance(key, str):
+            return _unauthorized(parsed, ErrorCode.UNAUTHENTICATED, key, at_ms)
     if isinstance(command, Invalid):
         reply = _reply_base(command.id, command.wallet, command.op, at_ms)
         return Decision(parsed, _refused(reply, command.error, command.message), stored=False)
@@ -75,6 +81,10 @@ def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
         if price is None:
             message = f"usage.model: no price for {command.usage.model} in force at {format_time(at_ms)}"
             return Decision(parsed, _refused(reply, ErrorCode.UNKNOWN_MODEL, message), stored=False)
+    if key is not None:
+        problem = authorize(key, command)
+        if problem is not None:
+            return _unauthorized(parsed, ErrorCode.FORBIDDEN, problem, at_ms)
 
     wallet = state.wallets.get(command.wallet)
     if wallet is None and command.op is not Op.OPEN:
@@ -97,6 +107,17 @@ def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
         refusal = _refused(_with_wallet(reply, wallet), outcome, _MESSAGES[outcome])
         return Decision(parsed, refusal, stored=False)
     return _stored(parsed, command, wallet, outcome, reply, fingerprint, at_ms)
+
+
+def _unauthorized(parsed: Parsed, error: ErrorCode, message: str, at_ms: int) -> Decision:
+    """401 or 403: unstored, and never showing the wallet's state to whoever sent it. With no
+    reply address it goes to the dead-letter topic, so that operators see every refused attempt."""
+    command = parsed.command
+    op = command.op if isinstance(command, Invalid) else command.op.value
+    reply = _refused(_reply_base(command.id, command.wallet, op, at_ms), error, message)
+    if parsed.reply_address is None:
+        parsed = replace(parsed, dead_letter_reason=f"{error.code}: {message}")
+    return Decision(parsed, reply, stored=False)
 
 
 def _price(rows: Sequence[Price], usage: Usage, at_ms: int) -> int | None:

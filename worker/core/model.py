@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.core.codes import ErrorCode, Op
+
+if TYPE_CHECKING:
+    from worker.core.auth import Authority
 
 Reply = dict[str, Any]  # one reply object exactly as it goes on the wire (before JSON encoding)
 
@@ -190,3 +193,4 @@ class PartitionState:
     decisions: dict[tuple[str, str], StoredDecision] = field(default_factory=dict)
     holds: dict[tuple[str, str], Hold] = field(default_factory=dict)  # (wallet, hold)
     prices: dict[str, list[Price]] = field(default_factory=dict)  # model -> rows by valid_from_ms
+    authority: Authority | None = None  # None: authentication has never been switched on

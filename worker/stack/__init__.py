@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ from worker.stack import kafka, postgres
 
 ENV_HOME = "FLOORGUARD_HOME"
 LOCK_FILE_NAME = ".stack.lock"
+MASTER_SECRET_FILE_NAME = "master.secret"
+MASTER_SECRET_RANDOM_BYTES = 48
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,18 @@ def up() -> Endpoints:
         database_url = postgres.up(root)
         kafka_bootstrap = kafka.up(root)
     return Endpoints(kafka_bootstrap=kafka_bootstrap, database_url=database_url)
+
+
+def master_secret_file() -> Path:
+    """The local ledger's master secret (keys' secrets are derived from it): made once, readable
+    by its owner only, kept beside the stack's data."""
+    path = home() / MASTER_SECRET_FILE_NAME
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(MASTER_SECRET_RANDOM_BYTES) + "\n")
+    return path
 
 
 def down() -> None:
@@ -69,4 +84,4 @@ def _locked(root: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-__all__ = ["Endpoints", "down", "home", "status", "up"]
+__all__ = ["Endpoints", "down", "home", "master_secret_file", "status", "up"]

@@ -195,3 +195,56 @@ ON CONFLICT DO NOTHING;
 
 -- name: is_empty
 SELECT NOT EXISTS (SELECT 1 FROM wallets) AND NOT EXISTS (SELECT 1 FROM partitions);
+
+-- name: auth_version
+-- Read in every batch transaction after its partition rows are locked: a key change (which locks
+-- the partitions table until it commits) is then wholly before the batch or wholly after it.
+SELECT version, master_check FROM auth_settings;
+
+-- name: auth_modes
+SELECT valid_from_ms, mode FROM auth_modes ORDER BY valid_from_ms;
+
+-- name: auth_keys_named
+SELECT key_id, scope, wallet, valid_from_ms, revoked_at_ms FROM auth_keys WHERE key_id = ANY($1::text[]);
+
+-- name: auth_hold_batches
+-- A key change waits for the batches under way and holds the next ones back until it commits
+-- (every batch locks its partition rows, which this mode conflicts with; plain reads go on).
+LOCK TABLE partitions IN EXCLUSIVE MODE;
+
+-- name: latest_clock_ms
+-- With the batches held: no command decided so far has a later time than this.
+SELECT coalesce(max(clock_ms), 0) FROM partitions;
+
+-- name: database_time_ms
+SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint;
+
+-- name: auth_bump_version
+UPDATE auth_settings SET version = version + 1;
+
+-- name: auth_set_master_check
+-- The first master secret used with the ledger is its master secret for good; returns the stored check.
+UPDATE auth_settings SET master_check = coalesce(master_check, $1) RETURNING master_check;
+
+-- name: auth_add_mode
+INSERT INTO auth_modes (valid_from_ms, mode) VALUES ($1, $2);
+
+-- name: auth_add_key
+INSERT INTO auth_keys (key_id, scope, wallet, label, valid_from_ms) VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (key_id) DO NOTHING
+RETURNING key_id;
+
+-- name: auth_revoke_key
+UPDATE auth_keys SET revoked_at_ms = $2 WHERE key_id = $1 AND revoked_at_ms IS NULL
+RETURNING revoked_at_ms;
+
+-- name: auth_list_keys
+SELECT key_id, scope, wallet, label, valid_from_ms, revoked_at_ms FROM auth_keys
+ORDER BY created_at, key_id;
+
+-- name: auth_copy_mode
+INSERT INTO auth_modes (valid_from_ms, mode) VALUES ($1, $2) ON CONFLICT DO NOTHING;
+
+-- name: auth_copy_key
+INSERT INTO auth_keys (key_id, scope, wallet, label, valid_from_ms, revoked_at_ms) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT DO NOTHING;

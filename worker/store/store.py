@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from worker.core.auth import Authority, Key, Scope, key_id_of, secret_deriver
 from worker.core.decide import decide_batch
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
@@ -58,12 +59,22 @@ class Committed:
     outbox: list[tuple[int, Outgoing]]  # (position, record) to publish, then delete
 
 
+KEYS_CACHED_MAX = 100_000
+
+
 class Store:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, master_secret: bytes | None = None) -> None:
         self._pool = pool
+        self._secret_of = secret_deriver(master_secret) if master_secret is not None else None
+        # What the auth tables held at `_auth_version`: read again only when the version moves.
+        self._auth_version: int | None = None
+        self._auth_modes: tuple[tuple[int, bool], ...] = ()
+        self._auth_keys: dict[str, Key | None] = {}  # None: no such key (at that version)
 
     @classmethod
-    async def connect(cls, database_url: str, pool_size_max: int = POOL_SIZE_MAX) -> Store:
+    async def connect(
+        cls, database_url: str, pool_size_max: int = POOL_SIZE_MAX, master_secret: bytes | None = None
+    ) -> Store:
         pool = await asyncpg.create_pool(
             database_url,
             min_size=1,
@@ -71,7 +82,11 @@ class Store:
             command_timeout=COMMAND_TIMEOUT_S,
             timeout=CONNECT_TIMEOUT_S,
         )
-        return cls(pool)
+        return cls(pool, master_secret)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
 
     async def close(self) -> None:
         await self._pool.close()
@@ -145,6 +160,9 @@ class Store:
                 else:
                     owned[partition] = (seen, records, int(row["clock_ms"]))
             states = await self._load(connection, {p: (clock, records) for p, (_, records, clock) in owned.items()})
+            authority = await self._authority(connection, [p for _, records, _ in owned.values() for p in records])
+            for state in states.values():
+                state.authority = authority
             before = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
             decided = {partition: decide_batch(states[partition], records) for partition, (_, records, _) in owned.items()}
             after = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
@@ -162,6 +180,28 @@ class Store:
         for partition, (_, records, _) in owned.items():
             outcome[partition] = Committed(records[-1].record.offset + 1, decided[partition], outboxes[partition])
         return outcome
+
+    async def _authority(self, connection: asyncpg.Connection, batch: Sequence[Parsed]) -> Authority | None:
+        """The auth modes and the keys the batch names, as committed before this transaction
+        locked its partitions. None while authentication has never been switched on."""
+        version = await connection.fetchval(QUERIES["auth_version"])
+        if version != self._auth_version:
+            rows = await connection.fetch(QUERIES["auth_modes"])
+            self._auth_modes = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows)
+            self._auth_keys.clear()
+            self._auth_version = version
+        if not self._auth_modes:
+            return None
+        named = {key_id for parsed in batch if (key_id := key_id_of(parsed.record)) is not None}
+        missing = sorted(named - self._auth_keys.keys())
+        if missing:
+            if len(self._auth_keys) + len(missing) > KEYS_CACHED_MAX:
+                self._auth_keys.clear()
+            self._auth_keys.update({key_id: None for key_id in missing})
+            for row in await connection.fetch(QUERIES["auth_keys_named"], missing):
+                self._auth_keys[row["key_id"]] = _key(row)
+        keys = {key_id: key for key_id in named if (key := self._auth_keys.get(key_id)) is not None}
+        return Authority(self._auth_modes, keys, self._secret_of)
 
     async def _load(
         self, connection: asyncpg.Connection, batches: dict[int, tuple[int, Sequence[Parsed]]]
@@ -334,6 +374,11 @@ def _invalid(parsed: Parsed) -> bool:
 
 def _opening(wallet: Wallet) -> Wallet:
     return Wallet(wallet.wallet, 0, 0, wallet.floor, 1, wallet.partition)
+
+
+def _key(row: asyncpg.Record) -> Key:
+    return Key(row["key_id"], Scope(row["scope"]), row["wallet"], int(row["valid_from_ms"]),
+               None if row["revoked_at_ms"] is None else int(row["revoked_at_ms"]))  # fmt: skip
 
 
 def _wallets_shared(batches: dict[int, tuple[int, list[Parsed]]]) -> bool:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import uuid
 from types import TracebackType
@@ -26,6 +28,9 @@ class Ledger:
 
     Replies come on `reply_topic` (default `<prefix>.replies`); the client reads every partition
     of it from the moment it starts and keeps those whose correlation id it is waiting for.
+
+    `key` is `<key_id>:<secret>` as `floorguard key create` printed it: every command is then
+    signed (the `auth` header: the HMAC-SHA256 of the value under the secret).
     """
 
     def __init__(
@@ -36,8 +41,10 @@ class Ledger:
         reply_topic: str | None = None,
         timeout_s: float = TIMEOUT_DEFAULT_S,
         attempts: int = ATTEMPTS_DEFAULT,
+        key: str | None = None,
     ) -> None:
         assert attempts >= 1 and timeout_s > 0
+        self._key_id, self._secret = _split_key(key) if key else (None, None)
         self._bootstrap = bootstrap
         self.commands_topic = f"{topic_prefix}.commands"
         self.reply_topic = reply_topic or f"{topic_prefix}.replies"
@@ -131,6 +138,10 @@ class Ledger:
         assert self._producer is not None, "use `async with Ledger(...)` or call start()"
         value = json.dumps(command, separators=(",", ":")).encode()
         correlation_id = uuid.uuid4().hex
+        headers = [("reply_to", self.reply_topic.encode()), ("correlation_id", correlation_id.encode())]
+        if self._secret is not None:
+            digest = hmac.new(self._secret, value, hashlib.sha256).hexdigest()
+            headers.append(("auth", f"{self._key_id}.{digest}".encode()))
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[correlation_id] = future
         try:
@@ -139,7 +150,7 @@ class Ledger:
                     self.commands_topic,
                     value=value,
                     key=command["wallet"].encode(),
-                    headers=[("reply_to", self.reply_topic.encode()), ("correlation_id", correlation_id.encode())],
+                    headers=headers,
                 )
                 try:
                     reply = await asyncio.wait_for(asyncio.shield(future), self._timeout_s)
@@ -166,6 +177,13 @@ class Ledger:
         if future is None or future.done():
             return
         future.set_result(Reply.model_validate_json(value or b"{}"))
+
+
+def _split_key(key: str) -> tuple[str, bytes]:
+    key_id, colon, secret = key.partition(":")
+    if not colon or not key_id or not secret:
+        raise ValueError("a key is <key_id>:<secret>, as `floorguard key create` prints it")
+    return key_id, secret.encode()  # the HMAC key is the secret's ASCII bytes, exactly as printed
 
 
 class HeldCall:
