@@ -69,6 +69,9 @@ def test_floorguard_services_use_the_worker_settings_names(services: dict[str, A
         config.ENV_TOPIC_PREFIX,
         config.ENV_GROUP_ID,
         config.ENV_PARTITIONS,
+        config.ENV_KAFKA_SECURITY_PROTOCOL,
+        config.ENV_KAFKA_SASL_USERNAME,
+        config.ENV_KAFKA_SASL_PASSWORD_FILE,
     }
     assert {config.ENV_KAFKA_BOOTSTRAP, config.ENV_DATABASE_URL, config.ENV_TOPIC_PREFIX} <= set(environment)
     floorguard_names = {key for key in environment if key.startswith("FLOORGUARD_")}
@@ -86,7 +89,7 @@ def test_the_kafka_bootstrap_is_an_advertised_listener(services: dict[str, Any])
     name = next(name for name, address in advertised.items() if address == bootstrap)
     assert bootstrap[0] == "kafka" and "kafka" in services
     assert bound[name][1] == bootstrap[1], "the advertised listener's port is the one it listens on"
-    assert name == kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]
+    assert bound[kafka["KAFKA_INTER_BROKER_LISTENER_NAME"]][0] == "localhost", "brokers talk on loopback only"
 
 
 def test_kafka_is_published_to_the_host_through_the_external_listener(services: dict[str, Any]) -> None:
@@ -173,3 +176,101 @@ def test_the_dockerfile_installs_the_client_and_the_worker() -> None:
     assert re.search(r"^FROM python:3\.11-slim$", text, re.MULTILINE)
     assert "pip install ./clients/python ." in text
     assert 'ENTRYPOINT ["floorguard"]' in text
+
+
+# --- Kafka's own guard (docs/kafka-acls.md) -------------------------------------------------------
+
+SECRETS_DIRECTORY = "/run/secrets/"
+
+
+def protocols(kafka: dict[str, str]) -> dict[str, str]:
+    return dict(entry.split(":") for entry in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+
+
+def broker_property(variable: str) -> str:
+    """The apache/kafka image's reading of KAFKA_* variables: `___` is `-`, `__` is `_`, `_` is `.`."""
+    name = variable.removeprefix("KAFKA_").lower()
+    return name.replace("___", "\0").replace("__", "\1").replace("_", ".").replace("\0", "-").replace("\1", "_")
+
+
+def test_broker_property_names_decode_as_the_image_does() -> None:
+    assert broker_property("KAFKA_LISTENER_NAME_SASL_SCRAM___SHA___512_SASL_JAAS_CONFIG") == (
+        "listener.name.sasl.scram-sha-512.sasl.jaas.config"
+    )
+    assert broker_property("KAFKA_ABC__DEF") == "abc_def"
+
+
+def test_every_listener_off_the_container_s_loopback_needs_scram(services: dict[str, Any]) -> None:
+    from worker.stack.kafka import AUTHORIZER_CLASS, SCRAM_LOGIN_MODULE
+
+    kafka = services["kafka"]["environment"]
+    bound = listeners(kafka["KAFKA_LISTENERS"])
+    properties = {broker_property(name): value for name, value in kafka.items() if name.startswith("KAFKA_")}
+    for name, protocol in protocols(kafka).items():
+        if bound[name][0] != "localhost":
+            assert protocol == "SASL_PLAINTEXT", f"{name} is reachable from the network without SASL"
+            jaas = properties[f"listener.name.{name.lower()}.{config.SASL_MECHANISM.lower()}.sasl.jaas.config"]
+            assert jaas == f"{SCRAM_LOGIN_MODULE} required;"
+    assert properties["sasl.enabled.mechanisms"] == config.SASL_MECHANISM
+    assert properties["authorizer.class.name"] == AUTHORIZER_CLASS
+    assert properties["allow.everyone.if.no.acl.found"] == "false"
+    assert set(properties["super.users"].split(";")) == {"User:ANONYMOUS", f"User:{config.KAFKA_ADMIN_USER}"}
+    assert kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].endswith("@localhost:9093")
+    worker = services["worker"]["environment"]
+    assert worker[config.ENV_KAFKA_SECURITY_PROTOCOL] == protocols(kafka)["SASL"]
+    assert host_port(worker[config.ENV_KAFKA_BOOTSTRAP]) == ("kafka", bound["SASL"][1])
+
+
+def test_kafka_users_run_as_the_super_user_on_the_broker_s_loopback(services: dict[str, Any]) -> None:
+    users = services["kafka-users"]
+    kafka = services["kafka"]["environment"]
+    assert users["network_mode"] == "service:kafka"
+    bootstrap = host_port(users["environment"][config.ENV_KAFKA_BOOTSTRAP])
+    plaintext = [name for name, protocol in protocols(kafka).items() if protocol == "PLAINTEXT" and name != "CONTROLLER"]
+    assert [listeners(kafka["KAFKA_LISTENERS"])[name] for name in plaintext] == [bootstrap]
+    assert bootstrap[0] == "localhost"
+    assert config.ENV_KAFKA_SASL_USERNAME not in users["environment"], "the loopback listener names nobody"
+    assert users["depends_on"]["kafka"]["condition"] == "service_healthy"
+    for name in ("topics", "worker"):
+        assert services[name]["depends_on"]["kafka-users"]["condition"] == "service_completed_successfully"
+
+
+def created_users(services: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """{user: (role, password file)} from the kafka-users service's `floorguard kafka-user add` lines."""
+    (script,) = services["kafka-users"]["command"]
+    created = {}
+    for step in script.split("&&"):
+        match = re.fullmatch(r"\s*floorguard kafka-user add (\S+) --role (\S+) --password-file (\S+)\s*", step)
+        assert match, f"not a kafka-user add: {step!r}"
+        created[match[1]] = (match[2], match[3])
+    return created
+
+
+def test_each_service_s_kafka_user_is_created_with_its_role_and_its_password(
+    compose: dict[str, Any], services: dict[str, Any]
+) -> None:
+    from worker.adapter.access import Role
+
+    created = created_users(services)
+    assert set(created) >= {"worker", config.KAFKA_ADMIN_USER}
+    assert {role for role, _ in created.values()} <= {role.value for role in Role}
+    expected_roles = {"migrate": "worker", "topics": "worker", "worker": "worker", "cli": "admin"}
+    for name, role in expected_roles.items():
+        environment = services[name]["environment"]
+        username = environment[config.ENV_KAFKA_SASL_USERNAME]
+        assert created[username][0] == role, f"{name} connects as {username}, who is not a {role}"
+        assert environment[config.ENV_KAFKA_SASL_PASSWORD_FILE] == created[username][1], "the same password"
+        assert config.ENV_KAFKA_SASL_PASSWORD not in environment, "passwords come from files, not the compose file"
+    for name, service in services.items():
+        files = [value for key, value in service.get("environment", {}).items() if key.endswith("_FILE")]
+        if name == "kafka-users":
+            files = [password_file for _, password_file in created.values()]
+        for path in files:
+            assert path.startswith(SECRETS_DIRECTORY)
+            secret = path.removeprefix(SECRETS_DIRECTORY)
+            assert secret in service["secrets"], f"{name} reads {path} but does not mount it"
+            assert (COMPOSE_FILE.parent / compose["secrets"][secret]["file"]).is_file()
+
+
+def test_the_cli_service_is_run_by_hand_only(services: dict[str, Any]) -> None:
+    assert services["cli"]["profiles"] == ["cli"]

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from worker.adapter.streams import read_to_end
+from worker.config import KafkaCredentials
 from worker.store import books
 from worker.store.books import Violation
 
@@ -35,7 +36,8 @@ class Report:
 
 
 async def audit(database_url: str, bootstrap: str, commands_topic: str, events_topic: str,
-                progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr)) -> Report:  # fmt: skip
+                progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+                credentials: KafkaCredentials | None = None) -> Report:  # fmt: skip
     connection = await books.connect(database_url)
     try:
         report = Report(**{k: v for k, v in (await books.counts(connection)).items() if k in ("wallets", "decisions")})
@@ -59,7 +61,7 @@ async def audit(database_url: str, bootstrap: str, commands_topic: str, events_t
                 rate = report.events / max(last_shown[0] - started, 1e-9)
                 progress(f"audit: {report.events:,} events checked ({rate:,.0f}/s)")
 
-        await read_to_end(bootstrap, events_topic, check)
+        await read_to_end(bootstrap, events_topic, check, credentials=credentials)
         for wallet, seq in sorted(expected.items()):
             missing = sorted(set(range(1, seq + 1)) - seen.get(wallet, set()))
             if missing:

@@ -134,6 +134,23 @@ def _parser() -> argparse.ArgumentParser:
                       help="show the mode, or switch it for every worker (workers started with "
                            f"{config.ENV_AUTH}=required switch it on themselves)")  # fmt: skip
     auth.set_defaults(run=_auth)
+    users = commands.add_parser("kafka-user", help="Kafka's SCRAM users and their ACLs (docs/kafka-acls.md)")
+    user_actions = users.add_subparsers(required=True, metavar="ACTION")
+    adding = user_actions.add_parser("add", help="create a user or change its password; its ACLs become its role's")
+    adding.add_argument("name")
+    adding.add_argument("--role", required=True, choices=("agent", "worker", "admin"),
+                        help="agent: write commands, read its reply topic; worker: what a worker needs; "
+                             "admin: the brokers' super user")  # fmt: skip
+    adding.add_argument("--reply-topic", metavar="TOPIC",
+                        help="an agent's reply topic (default <prefix>.replies.<name>, created if missing)")
+    secret = adding.add_mutually_exclusive_group()
+    secret.add_argument("--password-stdin", action="store_true", help="read the password from stdin's first line")
+    secret.add_argument("--password-file", metavar="PATH", help="read the password from a file's first line")
+    adding.set_defaults(run=_kafka_user_add)
+    removing = user_actions.add_parser("remove", help="delete a user's credential and all its ACLs")
+    removing.add_argument("name")
+    removing.set_defaults(run=_kafka_user_remove)
+    user_actions.add_parser("list", help="every SCRAM user and its ACLs", parents=[output]).set_defaults(run=_kafka_user_list)
     return parser
 
 
@@ -202,7 +219,8 @@ def _topics(args: argparse.Namespace) -> int:
     from worker.adapter.topics import create_topics
 
     current = settings()
-    created = asyncio.run(create_topics(current.kafka_bootstrap, current.topics, current.partitions))
+    created = asyncio.run(create_topics(current.kafka_bootstrap, current.topics, current.partitions,
+                                        current.kafka_credentials))  # fmt: skip
     print(f"created {', '.join(created)}" if created else "the topics exist")
     return 0
 
@@ -256,7 +274,7 @@ def _send(args: argparse.Namespace, op: str, **fields: Any) -> int:
 
     async def send() -> Any:
         async with Ledger(current.kafka_bootstrap, topic_prefix=current.topics.prefix, timeout_s=args.timeout,
-                          key=os.environ.get(config.ENV_KEY) or None) as ledger:  # fmt: skip
+                          key=os.environ.get(config.ENV_KEY) or None, **_ledger_security(current)) as ledger:  # fmt: skip
             return await ledger.send(command, raise_on_refusal=False)
 
     reply = asyncio.run(send())
@@ -265,6 +283,14 @@ def _send(args: argparse.Namespace, op: str, **fields: Any) -> int:
     else:
         print(_readable(reply))
     return 0 if reply.ok else EXIT_REFUSED
+
+
+def _ledger_security(current: Settings) -> dict[str, Any]:
+    credentials = current.kafka_credentials
+    if credentials is None:
+        return {}
+    return {"sasl_username": credentials.username, "sasl_password": credentials.password,
+            "security_protocol": credentials.security_protocol, "ssl_context": credentials.ssl_context()}  # fmt: skip
 
 
 def _readable(reply: Any) -> str:
@@ -287,7 +313,8 @@ def _audit(args: argparse.Namespace) -> int:
 
     current = settings()
     events_topic = args.events_topic or current.topics.events
-    report = asyncio.run(audit(current.database_url, current.kafka_bootstrap, current.topics.commands, events_topic))
+    report = asyncio.run(audit(current.database_url, current.kafka_bootstrap, current.topics.commands, events_topic,
+                               credentials=current.kafka_credentials))  # fmt: skip
     summary = (f"audit: {report.wallets:,} wallets, {report.decisions:,} decisions, {report.events:,} events: "
                + ("all invariants hold" if report.ok else f"{len(report.violations):,} violations"))  # fmt: skip
     print(summary)
@@ -302,7 +329,8 @@ def _replay(args: argparse.Namespace) -> int:
     current = settings()
     try:
         result = asyncio.run(replay(current.kafka_bootstrap, current.topics, current.database_url, args.into,
-                                    master_secret=current.master_secret))  # fmt: skip
+                                    master_secret=current.master_secret,
+                                    credentials=current.kafka_credentials))  # fmt: skip
     except NotEmpty as error:
         print(f"floorguard replay: {error}", file=sys.stderr)
         return EXIT_FAILED
@@ -320,7 +348,8 @@ def _tail(args: argparse.Namespace) -> int:
     current = settings()
 
     async def run() -> None:
-        async for record in follow(current.kafka_bootstrap, current.topics.events, args.from_beginning):
+        async for record in follow(current.kafka_bootstrap, current.topics.events, args.from_beginning,
+                                   current.kafka_credentials):  # fmt: skip
             event = json.loads(record.value)
             if args.wallet and event.get("wallet") != args.wallet:
                 continue
@@ -523,6 +552,95 @@ def _show(args: argparse.Namespace) -> int:
         print(json.dumps(shown))
     else:
         print("\n".join(f"{name:<9} {value:>22,}" if isinstance(value, int) else f"{name:<9} {value}" for name, value in shown.items()))
+    return 0
+
+
+# --- Kafka's users and ACLs -----------------------------------------------------------------------
+
+AGENT_REPLY_TOPIC_PARTITIONS = 1  # one agent's replies; many agents must not multiply the broker's partitions
+
+
+def _kafka_user_add(args: argparse.Namespace) -> int:
+    from worker.adapter.access import AccessError, Role, agent_reply_topic, check_user, new_password, role_acls
+
+    current = settings()
+    role = Role(args.role)
+    reply_topic = None
+    try:
+        check_user(args.name, role)
+        if role == Role.AGENT:
+            reply_topic = args.reply_topic or agent_reply_topic(current.topics, args.name)
+            if not reply_topic.startswith(current.topics.replies):
+                raise AccessError(f"a reply topic starts with {current.topics.replies}: the workers write no other")
+        elif args.reply_topic:
+            raise AccessError("--reply-topic is an agent's")
+        generated = not (args.password_stdin or args.password_file)
+        password = _password(args) if not generated else new_password()
+    except (AccessError, config.SettingsError, OSError) as error:
+        print(f"floorguard kafka-user: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    acls = role_acls(role, current.topics, current.group_id, reply_topic)
+    created = asyncio.run(_add_user(current, args.name, password, acls, reply_topic))
+    if created:
+        print(f"created {reply_topic}", file=sys.stderr)
+    print(f"{args.name} ({role}): " + (", ".join(acl.describe() for acl in acls) or "no ACL, a super user"),
+          file=sys.stderr)  # fmt: skip
+    if generated:
+        print(password)  # the only time it is shown: stdout alone, so that a script can capture it
+    return 0
+
+
+async def _add_user(current: Settings, name: str, password: str, acls: list[Any], reply_topic: str | None) -> bool:
+    from worker.adapter.access import KafkaUsers
+
+    async with KafkaUsers(current.kafka_bootstrap, current.kafka_credentials) as users:
+        created = False
+        if reply_topic is not None:
+            created = await users.create_reply_topic(reply_topic, AGENT_REPLY_TOPIC_PARTITIONS)
+        await users.add(name, password, acls)
+        return created
+
+
+def _password(args: argparse.Namespace) -> str:
+    if args.password_file:
+        return config.read_password_file(args.password_file)
+    line = sys.stdin.readline(config.PASSWORD_FILE_SIZE_MAX).rstrip("\r\n")
+    if not line:
+        raise config.SettingsError("no password on stdin")
+    return line
+
+
+def _kafka_user_remove(args: argparse.Namespace) -> int:
+    from worker.adapter.access import KafkaUsers
+
+    current = settings()
+
+    async def remove() -> bool:
+        async with KafkaUsers(current.kafka_bootstrap, current.kafka_credentials) as users:
+            return await users.remove(args.name)
+
+    if not asyncio.run(remove()):
+        print(f"no Kafka user {args.name}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(f"removed {args.name}", file=sys.stderr)
+    return 0
+
+
+def _kafka_user_list(args: argparse.Namespace) -> int:
+    from worker.adapter.access import KafkaUsers
+
+    current = settings()
+
+    async def listed() -> list[Any]:
+        async with KafkaUsers(current.kafka_bootstrap, current.kafka_credentials) as users:
+            return await users.list()
+
+    for user in asyncio.run(listed()):
+        acls = [acl.describe() for acl in user.acls]
+        if args.json:
+            print(json.dumps({"name": user.name, "scram_sha_512": user.has_scram_sha_512, "acls": acls}))
+        else:
+            print(f"{user.name}: " + (", ".join(acls) or "no ACL"))
     return 0
 
 

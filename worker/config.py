@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ENV_KAFKA_BOOTSTRAP = "FLOORGUARD_KAFKA_BOOTSTRAP"
 ENV_DATABASE_URL = "FLOORGUARD_DATABASE_URL"
@@ -21,6 +23,11 @@ ENV_MASTER_SECRET_FILE = "FLOORGUARD_MASTER_SECRET_FILE"
 ENV_KEY = "FLOORGUARD_KEY"  # <key_id>:<secret>, what the CLI signs its commands with
 AUTH_MODES = ("off", "required")
 MASTER_SECRET_LENGTH_MIN_CHARS = 32
+ENV_KAFKA_SECURITY_PROTOCOL = "FLOORGUARD_KAFKA_SECURITY_PROTOCOL"
+ENV_KAFKA_SASL_USERNAME = "FLOORGUARD_KAFKA_SASL_USERNAME"
+ENV_KAFKA_SASL_PASSWORD = "FLOORGUARD_KAFKA_SASL_PASSWORD"
+ENV_KAFKA_SASL_PASSWORD_FILE = "FLOORGUARD_KAFKA_SASL_PASSWORD_FILE"
+ENV_KAFKA_SSL_CAFILE = "FLOORGUARD_KAFKA_SSL_CAFILE"
 
 TOPIC_PREFIX_DEFAULT = "floorguard"
 GROUP_ID_DEFAULT = "floorguard-worker"
@@ -41,9 +48,20 @@ BATCH_WAIT_DEFAULT_MS = 5
 # connect to itself and hold the port, so that the broker then fails to bind it.
 LOCAL_KAFKA_PORT = 29092
 LOCAL_KAFKA_CONTROLLER_PORT = 29093
+LOCAL_KAFKA_SASL_PORT = 29094  # SASL_PLAINTEXT with SCRAM-SHA-512: where Kafka's ACLs apply (docs/kafka-acls.md)
 LOCAL_POSTGRES_PORT = 25432
 LOCAL_KAFKA_BOOTSTRAP = f"127.0.0.1:{LOCAL_KAFKA_PORT}"
+LOCAL_KAFKA_SASL_BOOTSTRAP = f"127.0.0.1:{LOCAL_KAFKA_SASL_PORT}"
 LOCAL_DATABASE_URL = f"postgresql://floorguard@127.0.0.1:{LOCAL_POSTGRES_PORT}/floorguard"
+
+# Kafka's own guard (docs/kafka-acls.md): SCRAM users, and ACLs on what each may touch.
+SASL_MECHANISM = "SCRAM-SHA-512"
+SECURITY_PROTOCOLS_WITH_SASL = ("SASL_PLAINTEXT", "SASL_SSL")
+SECURITY_PROTOCOL_DEFAULT = "PLAINTEXT"  # without a username
+SECURITY_PROTOCOL_WITH_SASL_DEFAULT = "SASL_PLAINTEXT"  # with one
+# The one SCRAM user the brokers (the local stack's and compose's) name in `super.users`.
+KAFKA_ADMIN_USER = "admin"
+PASSWORD_FILE_SIZE_MAX = 4096
 
 
 class Misconfigured(Exception):
@@ -76,6 +94,84 @@ class Topics:
         return (self.commands, self.replies, self.events, self.dlq)
 
 
+class SettingsError(ValueError):
+    """The environment names an impossible combination of settings."""
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaCredentials:
+    """Who a client is to Kafka: a SCRAM-SHA-512 user over SASL_PLAINTEXT or SASL_SSL."""
+
+    username: str
+    password: str = field(repr=False)  # never printed, never logged
+    security_protocol: str = SECURITY_PROTOCOL_WITH_SASL_DEFAULT
+    ssl_cafile: str | None = None  # SASL_SSL only: the CA that signed the brokers' certificates
+
+    def __post_init__(self) -> None:
+        if self.security_protocol not in SECURITY_PROTOCOLS_WITH_SASL:
+            raise SettingsError(f"a SASL username needs a security protocol of {' or '.join(SECURITY_PROTOCOLS_WITH_SASL)},"
+                                f" not {self.security_protocol}")  # fmt: skip
+        if not self.username or not self.password:
+            raise SettingsError("a Kafka SASL user needs both a username and a password")
+
+    @classmethod
+    def from_env(cls) -> KafkaCredentials | None:
+        """None when no username is set: then the client connects over PLAINTEXT, as before."""
+        username = os.environ.get(ENV_KAFKA_SASL_USERNAME, "")
+        protocol = os.environ.get(ENV_KAFKA_SECURITY_PROTOCOL, "")
+        if not username:
+            if protocol not in ("", SECURITY_PROTOCOL_DEFAULT):
+                raise SettingsError(f"{ENV_KAFKA_SECURITY_PROTOCOL}={protocol} needs {ENV_KAFKA_SASL_USERNAME}")
+            return None
+        return cls(
+            username=username,
+            password=_password_from_env(),
+            security_protocol=protocol or SECURITY_PROTOCOL_WITH_SASL_DEFAULT,
+            ssl_cafile=os.environ.get(ENV_KAFKA_SSL_CAFILE) or None,
+        )
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        if self.security_protocol != "SASL_SSL":
+            return None
+        return ssl.create_default_context(cafile=self.ssl_cafile)
+
+    def client_options(self) -> dict[str, Any]:
+        """Keyword arguments of every aiokafka client (producer, consumer, admin) for this user."""
+        return {
+            "security_protocol": self.security_protocol,
+            "sasl_mechanism": SASL_MECHANISM,
+            "sasl_plain_username": self.username,
+            "sasl_plain_password": self.password,
+            "ssl_context": self.ssl_context(),
+        }
+
+
+def kafka_client_options(credentials: KafkaCredentials | None) -> dict[str, Any]:
+    """aiokafka keyword arguments: none for PLAINTEXT, the SASL ones for a user."""
+    return credentials.client_options() if credentials is not None else {}
+
+
+def _password_from_env() -> str:
+    password = os.environ.get(ENV_KAFKA_SASL_PASSWORD)
+    path = os.environ.get(ENV_KAFKA_SASL_PASSWORD_FILE)
+    if password and path:
+        raise SettingsError(f"set {ENV_KAFKA_SASL_PASSWORD} or {ENV_KAFKA_SASL_PASSWORD_FILE}, not both")
+    if path:
+        return read_password_file(path)
+    if not password:
+        raise SettingsError(f"{ENV_KAFKA_SASL_USERNAME} needs {ENV_KAFKA_SASL_PASSWORD} or {ENV_KAFKA_SASL_PASSWORD_FILE}")
+    return password
+
+
+def read_password_file(path: str) -> str:
+    """A password file's first line, without its line end (the form of Docker and Kubernetes secrets)."""
+    text = Path(path).read_text(encoding="utf-8")[:PASSWORD_FILE_SIZE_MAX]
+    lines = text.splitlines()
+    if not lines or not lines[0]:
+        raise SettingsError(f"the password file {path} is empty")
+    return lines[0]
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     kafka_bootstrap: str
@@ -89,6 +185,12 @@ class Settings:
     batch_wait_ms: int = BATCH_WAIT_DEFAULT_MS
     auth_required: bool = False
     master_secret: bytes | None = field(default=None, repr=False)  # never printed, never logged
+    kafka_credentials: KafkaCredentials | None = None  # None: PLAINTEXT, as the local stack's default listener
+
+    @property
+    def kafka_options(self) -> dict[str, Any]:
+        """aiokafka keyword arguments for this worker's user (empty without one)."""
+        return kafka_client_options(self.kafka_credentials)
 
     @classmethod
     def from_env(cls, kafka_bootstrap: str | None = None, database_url: str | None = None) -> Settings:
@@ -104,6 +206,7 @@ class Settings:
             batch_wait_ms=int(os.environ.get(ENV_BATCH_WAIT_MS, BATCH_WAIT_DEFAULT_MS)),
             auth_required=_auth_required(),
             master_secret=master_secret_from_env(),
+            kafka_credentials=KafkaCredentials.from_env(),
         )
 
 

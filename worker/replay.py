@@ -19,7 +19,7 @@ from aiokafka import ConsumerRecord
 
 from worker.adapter.processor import record_of
 from worker.adapter.streams import read_to_end, topic_partitions
-from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, Misconfigured, Topics
+from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCredentials, Misconfigured, Topics
 from worker.core.auth import master_check
 from worker.core.parse import parse
 from worker.store import books
@@ -46,18 +46,18 @@ class Replayed:
 
 async def replay(bootstrap: str, topics: Topics, source_url: str, target_url: str,
                  progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
-                 master_secret: bytes | None = None) -> Replayed:  # fmt: skip
+                 master_secret: bytes | None = None, credentials: KafkaCredentials | None = None) -> Replayed:  # fmt: skip
     await migrate(target_url)
     store = await Store.connect(target_url, master_secret=master_secret)
     try:
-        await _prepare(store, source_url, target_url, topics, bootstrap, master_secret)
-        return await _run(store, bootstrap, topics, progress)
+        await _prepare(store, source_url, target_url, topics, bootstrap, master_secret, credentials)
+        return await _run(store, bootstrap, topics, progress, credentials)
     finally:
         await store.close()
 
 
 async def _prepare(store: Store, source_url: str, target_url: str, topics: Topics, bootstrap: str,
-                   master_secret: bytes | None) -> None:  # fmt: skip
+                   master_secret: bytes | None, credentials: KafkaCredentials | None) -> None:  # fmt: skip
     target = await books.connect(target_url)
     source = await books.connect(source_url)
     try:
@@ -78,11 +78,12 @@ async def _prepare(store: Store, source_url: str, target_url: str, topics: Topic
     finally:
         await source.close()
         await target.close()
-    for partition in await topic_partitions(bootstrap, topics.commands):
+    for partition in await topic_partitions(bootstrap, topics.commands, credentials):
         await store.claim(topics.commands, partition)
 
 
-async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[[str], None]) -> Replayed:
+async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[[str], None],
+               credentials: KafkaCredentials | None) -> Replayed:  # fmt: skip
     forbidden = (topics.commands, topics.events, topics.dlq)
     seen: dict[int, int] = {}
     done = [0]
@@ -102,7 +103,8 @@ async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[
             left = max(total[0] - done[0], 0) / rate if rate and total[0] else 0
             progress(f"replay: {done[0]:,} commands, {rate:,.0f}/s, about {left:,.0f} s left")
 
-    ends = await read_to_end(bootstrap, topics.commands, apply, on_ends=lambda e: total.__setitem__(0, sum(e.values())))
+    ends = await read_to_end(bootstrap, topics.commands, apply, on_ends=lambda e: total.__setitem__(0, sum(e.values())),
+                             credentials=credentials)  # fmt: skip
     seconds = time.monotonic() - started
     progress(f"replay: {done[0]:,} commands in {seconds:,.1f} s ({done[0] / max(seconds, 1e-9):,.0f}/s)")
     return Replayed(done[0], seconds, ends)

@@ -23,12 +23,13 @@ from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
 from faststream.kafka.message import FAKE_CONSUMER
 from faststream.kafka.message import KafkaMessage as KafkaMessageClass
+from faststream.security import BaseSecurity, SASLScram512
 
 from worker.adapter import metrics
 from worker.adapter.processor import Processor, Rebalance
 from worker.adapter.publisher import Publisher
 from worker.adapter.topics import check_commands_topic
-from worker.config import Settings
+from worker.config import KafkaCredentials, Settings
 from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
 from worker.core.model import Hold
 from worker.core.outgoing import encode
@@ -52,6 +53,7 @@ def build_app(settings: Settings) -> FastStream:
         enable_idempotence=True,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
         graceful_timeout=GRACEFUL_TIMEOUT_S,
+        security=_security(settings.kafka_credentials),
     )
     runtime: dict[str, Any] = {}
     subscriber = None
@@ -117,7 +119,7 @@ def build_app(settings: Settings) -> FastStream:
 
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
-        partitions = await check_commands_topic(settings.kafka_bootstrap, topics)
+        partitions = await check_commands_topic(settings.kafka_bootstrap, topics, settings.kafka_credentials)
         log.info("%s has %d partitions, LogAppendTime, retention forever", topics.commands, partitions)
         runtime["store"] = await Store.connect(settings.database_url, master_secret=settings.master_secret)
         try:
@@ -144,6 +146,14 @@ def build_app(settings: Settings) -> FastStream:
         runtime["metrics"] = await metrics.serve(settings.metrics_port, processor.refresh_lag)
 
     return app
+
+
+def _security(credentials: KafkaCredentials | None) -> BaseSecurity | None:
+    """The worker's SCRAM user on Kafka, when it has one (docs/kafka-acls.md)."""
+    if credentials is None:
+        return None
+    return SASLScram512(credentials.username, credentials.password, ssl_context=credentials.ssl_context(),
+                        use_ssl=credentials.security_protocol == "SASL_SSL")  # fmt: skip
 
 
 def _producer(broker: KafkaBroker) -> AIOKafkaProducer:

@@ -8,13 +8,16 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from worker.config import KafkaCredentials, kafka_client_options
+
 FETCH_RECORDS_MAX = 5_000
 FETCH_WAIT_MS = 200
 ADMIN_TIMEOUT_MS = 30_000
 
 
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+async def topic_partitions(bootstrap: str, topic: str, credentials: KafkaCredentials | None = None) -> list[int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS,
+                                **kafka_client_options(credentials))  # fmt: skip
     await admin.start()
     try:
         (described,) = await admin.describe_topics([topic])
@@ -25,8 +28,9 @@ async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
     return sorted(p["partition"] for p in described["partitions"])
 
 
-def _consumer(bootstrap: str) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed")
+def _consumer(bootstrap: str, credentials: KafkaCredentials | None) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed",
+                            **kafka_client_options(credentials))  # fmt: skip
 
 
 async def read_to_end(
@@ -35,11 +39,12 @@ async def read_to_end(
     handle: Callable[[Sequence[ConsumerRecord]], Awaitable[None]],
     start_offsets: dict[int, int] | None = None,
     on_ends: Callable[[dict[int, int]], None] = lambda ends: None,
+    credentials: KafkaCredentials | None = None,
 ) -> dict[int, int]:
     """Hand every record from the start (or `start_offsets`) to the end as it was when the call
     began, in batches of one partition each; return those end offsets."""
-    partitions = await topic_partitions(bootstrap, topic)
-    consumer = _consumer(bootstrap)
+    partitions = await topic_partitions(bootstrap, topic, credentials)
+    consumer = _consumer(bootstrap, credentials)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in partitions]
@@ -63,10 +68,11 @@ async def read_to_end(
         await consumer.stop()
 
 
-async def follow(bootstrap: str, topic: str, from_beginning: bool = False) -> AsyncIterator[ConsumerRecord]:
+async def follow(bootstrap: str, topic: str, from_beginning: bool = False,
+                 credentials: KafkaCredentials | None = None) -> AsyncIterator[ConsumerRecord]:
     """Every record of the topic from now on (or from its beginning), as it arrives."""
-    partitions = await topic_partitions(bootstrap, topic)
-    consumer = _consumer(bootstrap)
+    partitions = await topic_partitions(bootstrap, topic, credentials)
+    consumer = _consumer(bootstrap, credentials)
     await consumer.start()
     try:
         tps = [TopicPartition(topic, p) for p in partitions]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import TopicAlreadyExistsError, for_code
 
-from worker.config import Misconfigured, Topics
+from worker.config import KafkaCredentials, Misconfigured, Topics, kafka_client_options
 
 ADMIN_TIMEOUT_MS = 30_000
 REPLIES_RETENTION_MS = 24 * 60 * 60 * 1000
@@ -29,9 +29,10 @@ def topic_configs(topics: Topics) -> dict[str, dict[str, str]]:
     }
 
 
-async def create_topics(bootstrap: str, topics: Topics, partitions: int) -> list[str]:
+async def create_topics(bootstrap: str, topics: Topics, partitions: int,
+                        credentials: KafkaCredentials | None = None) -> list[str]:
     """Create what is missing; return the names created. An existing topic is left as it is."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    admin = _admin(bootstrap, credentials)
     await admin.start()
     created = []
     try:
@@ -40,18 +41,24 @@ async def create_topics(bootstrap: str, topics: Topics, partitions: int) -> list
             if name in existing:
                 continue
             try:
-                await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config)])
+                response = await admin.create_topics([NewTopic(name, partitions, 1, topic_configs=config)])
             except TopicAlreadyExistsError:
                 continue
+            # The admin client returns a topic's error rather than raising it (a refused ACL, say).
+            (_name, error_code, *_message) = response.topic_errors[0]
+            if error_code == TopicAlreadyExistsError.errno:
+                continue
+            if error_code:
+                raise for_code(error_code)(f"creating {name}")
             created.append(name)
     finally:
         await admin.close()
     return created
 
 
-async def delete_topics(bootstrap: str, topics: Topics) -> None:
+async def delete_topics(bootstrap: str, topics: Topics, credentials: KafkaCredentials | None = None) -> None:
     """Delete the four topics of a prefix, those that exist (a load run's or a test's, at its end)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    admin = _admin(bootstrap, credentials)
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -62,12 +69,12 @@ async def delete_topics(bootstrap: str, topics: Topics) -> None:
         await admin.close()
 
 
-async def check_commands_topic(bootstrap: str, topics: Topics) -> int:
+async def check_commands_topic(bootstrap: str, topics: Topics, credentials: KafkaCredentials | None = None) -> int:
     """Refuse a commands topic that is not LogAppendTime with infinite retention.
 
     Returns its partition count. Time and replay both rest on these two settings.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    admin = _admin(bootstrap, credentials)
     await admin.start()
     try:
         described = await admin.describe_topics([topics.commands])
@@ -86,3 +93,8 @@ async def check_commands_topic(bootstrap: str, topics: Topics) -> int:
                 f"{topics.commands} has {name}={configs.get(name)}; the ledger needs {COMMANDS_CONFIG[name]}"
             )
     return partitions
+
+
+def _admin(bootstrap: str, credentials: KafkaCredentials | None) -> AIOKafkaAdminClient:
+    return AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS,
+                               **kafka_client_options(credentials))  # fmt: skip

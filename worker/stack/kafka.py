@@ -18,7 +18,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from worker.config import LOCAL_KAFKA_BOOTSTRAP, LOCAL_KAFKA_CONTROLLER_PORT, LOCAL_KAFKA_PORT
+from worker.config import (
+    KAFKA_ADMIN_USER,
+    LOCAL_KAFKA_BOOTSTRAP,
+    LOCAL_KAFKA_CONTROLLER_PORT,
+    LOCAL_KAFKA_PORT,
+    LOCAL_KAFKA_SASL_BOOTSTRAP,
+    LOCAL_KAFKA_SASL_PORT,
+    SASL_MECHANISM,
+)
 
 HOST = "127.0.0.1"
 KAFKA_START_TIMEOUT_S = 120
@@ -35,6 +43,12 @@ LOG_TAIL_CHARS = 8000
 MAIN_CLASS = "kafka.Kafka"
 STORAGE_TOOL_CLASS = "kafka.tools.StorageTool"
 READY_LINE = "Kafka Server started"
+AUTHORIZER_CLASS = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+SCRAM_LOGIN_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
+# Loopback PLAINTEXT (the default listener and the controller's) authenticates nobody: its principal
+# is User:ANONYMOUS, a super user, so everything that runs today keeps running. ACLs bind the SCRAM
+# users of the SASL listener, where agents and workers connect with their own names.
+SUPER_USERS = ("User:ANONYMOUS", f"User:{KAFKA_ADMIN_USER}")
 JVM_HEAP_OPTIONS = ("-Xms256m", "-Xmx1g")
 DEBIAN_PACKAGES = ("default-jre-headless", "maven")
 
@@ -98,6 +112,9 @@ def up(home: Path) -> str:
     pid = running_pid(layout)
     if pid is not None:
         _wait_port_open(layout, pid)
+        if not _port_open(LOCAL_KAFKA_SASL_PORT):
+            _say(f"kafka: this broker was started without the SASL listener {LOCAL_KAFKA_SASL_BOOTSTRAP}; "
+                 "`floorguard stack down` then `up` adds it")  # fmt: skip
         return LOCAL_KAFKA_BOOTSTRAP
     _forget_stale_pid(layout)
     _refuse_foreign_listener()
@@ -133,7 +150,8 @@ def status_line(home: Path) -> str:
     if pid is None:
         return "kafka: stopped" if layout.root.exists() else "kafka: not installed"
     state = "running" if _port_open(LOCAL_KAFKA_PORT) else "starting"
-    return f"kafka: {state} (pid {pid}) on {LOCAL_KAFKA_BOOTSTRAP}, data {_display(layout.root)}"
+    sasl = f", SASL {LOCAL_KAFKA_SASL_BOOTSTRAP}" if _port_open(LOCAL_KAFKA_SASL_PORT) else ""
+    return f"kafka: {state} (pid {pid}) on {LOCAL_KAFKA_BOOTSTRAP}{sasl}, data {_display(layout.root)}"
 
 
 def running_pid(layout: Layout) -> int | None:
@@ -204,15 +222,25 @@ def _ensure_libs(layout: Layout) -> None:
 
 
 def _write_properties(layout: Layout) -> None:
-    # Rewritten at every start so a change here reaches an existing installation.
+    # Rewritten at every start so a change here reaches an existing installation. SCRAM needs
+    # nothing at format time: its credentials live in the cluster's metadata, added later by
+    # `floorguard kafka-user add` (AlterUserScramCredentials), so a storage formatted before the
+    # SASL listener existed serves it as is.
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@{HOST}:{LOCAL_KAFKA_CONTROLLER_PORT}",
-        "listeners": f"PLAINTEXT://{HOST}:{LOCAL_KAFKA_PORT},CONTROLLER://{HOST}:{LOCAL_KAFKA_CONTROLLER_PORT}",
-        "advertised.listeners": f"PLAINTEXT://{HOST}:{LOCAL_KAFKA_PORT}",
+        "listeners": (f"PLAINTEXT://{HOST}:{LOCAL_KAFKA_PORT},CONTROLLER://{HOST}:{LOCAL_KAFKA_CONTROLLER_PORT},"
+                      f"SASL_PLAINTEXT://{HOST}:{LOCAL_KAFKA_SASL_PORT}"),  # fmt: skip
+        "advertised.listeners": f"PLAINTEXT://{HOST}:{LOCAL_KAFKA_PORT},SASL_PLAINTEXT://{HOST}:{LOCAL_KAFKA_SASL_PORT}",
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "inter.broker.listener.name": "PLAINTEXT",
+        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": SASL_MECHANISM,
+        f"listener.name.sasl_plaintext.{SASL_MECHANISM.lower()}.sasl.jaas.config": f"{SCRAM_LOGIN_MODULE} required;",
+        "authorizer.class.name": AUTHORIZER_CLASS,
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": ";".join(SUPER_USERS),
         "log.dirs": str(layout.data),
         "offsets.topic.replication.factor": "1",
         "offsets.topic.num.partitions": "8",
@@ -307,7 +335,7 @@ def _forget_stale_pid(layout: Layout) -> None:
 
 
 def _refuse_foreign_listener() -> None:
-    for port in (LOCAL_KAFKA_PORT, LOCAL_KAFKA_CONTROLLER_PORT):
+    for port in (LOCAL_KAFKA_PORT, LOCAL_KAFKA_CONTROLLER_PORT, LOCAL_KAFKA_SASL_PORT):
         if _port_open(port):
             raise RuntimeError(
                 f"kafka: port {HOST}:{port} is taken by a process this stack did not start; stop it and retry"

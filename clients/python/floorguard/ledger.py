@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import ssl
 import uuid
 from types import TracebackType
 from typing import Any
@@ -21,6 +22,7 @@ TIMEOUT_DEFAULT_S = 10.0
 ATTEMPTS_DEFAULT = 3
 REPLY_POLL_MS = 100
 CONNECT_TIMEOUT_S = 30.0
+SASL_MECHANISM = "SCRAM-SHA-512"  # the mechanism of the brokers' SASL listener (docs/kafka-acls.md)
 
 
 class Ledger:
@@ -31,6 +33,11 @@ class Ledger:
 
     `key` is `<key_id>:<secret>` as `floorguard key create` printed it: every command is then
     signed (the `auth` header: the HMAC-SHA256 of the value under the secret).
+
+    On a broker that guards itself with ACLs, give the agent's SCRAM user (`sasl_username`,
+    `sasl_password`) and its own reply topic: it may write the commands topic and read that topic,
+    nothing else. `security_protocol` is SASL_PLAINTEXT by default with a user, or SASL_SSL
+    (with `ssl_context`, default: the system's trusted CAs).
     """
 
     def __init__(
@@ -42,10 +49,15 @@ class Ledger:
         timeout_s: float = TIMEOUT_DEFAULT_S,
         attempts: int = ATTEMPTS_DEFAULT,
         key: str | None = None,
+        sasl_username: str | None = None,
+        sasl_password: str | None = None,
+        security_protocol: str | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         assert attempts >= 1 and timeout_s > 0
         self._key_id, self._secret = _split_key(key) if key else (None, None)
         self._bootstrap = bootstrap
+        self._security = _security_options(sasl_username, sasl_password, security_protocol, ssl_context)
         self.commands_topic = f"{topic_prefix}.commands"
         self.reply_topic = reply_topic or f"{topic_prefix}.replies"
         self._timeout_s = timeout_s
@@ -64,8 +76,9 @@ class Ledger:
         await self.close()
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True)
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False)
+        self._producer = AIOKafkaProducer(bootstrap_servers=self._bootstrap, acks="all", enable_idempotence=True,
+                                          **self._security)  # fmt: skip
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self._bootstrap, enable_auto_commit=False, **self._security)
         await asyncio.wait_for(self._producer.start(), CONNECT_TIMEOUT_S)
         await asyncio.wait_for(self._consumer.start(), CONNECT_TIMEOUT_S)
         partitions = (await self._producer.partitions_for(self.reply_topic)) or set()
@@ -224,6 +237,22 @@ class HeldCall:
             return
         # Nothing recorded means the whole estimate was spent: the safe reading for a budget.
         self.closed = await self._ledger.capture(self.wallet, self.id, self._cost, usage=self._usage)
+
+
+def _security_options(username: str | None, password: str | None, protocol: str | None,
+                      context: ssl.SSLContext | None) -> dict[str, Any]:  # fmt: skip
+    """aiokafka's keyword arguments: none without a user (PLAINTEXT), SCRAM-SHA-512 with one."""
+    if username is None and password is None:
+        assert protocol in (None, "PLAINTEXT"), f"{protocol} needs sasl_username and sasl_password"
+        return {}
+    assert username and password, "give both sasl_username and sasl_password"
+    protocol = protocol or "SASL_PLAINTEXT"
+    assert protocol in ("SASL_PLAINTEXT", "SASL_SSL"), f"a SASL user connects over SASL_PLAINTEXT or SASL_SSL, not {protocol}"
+    options: dict[str, Any] = {"security_protocol": protocol, "sasl_mechanism": SASL_MECHANISM,
+                               "sasl_plain_username": username, "sasl_plain_password": password}  # fmt: skip
+    if protocol == "SASL_SSL":
+        options["ssl_context"] = context or ssl.create_default_context()
+    return options
 
 
 def build_command(op: str, wallet: str, command_id: str | None, memo: str | None, **fields: Any) -> dict[str, Any]:
