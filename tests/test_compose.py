@@ -21,6 +21,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
 DOCKERFILE = ROOT / "compose" / "Dockerfile"
 FLOORGUARD_SERVICES = ("migrate", "topics", "worker")
+AUTH_NAMES = (config.ENV_AUTH, config.ENV_MASTER_SECRET_FILE)
 PULLED_IMAGE = re.compile(r"^[a-z0-9./_-]+:(?P<tag>[0-9][A-Za-z0-9._-]*)$")
 
 
@@ -72,6 +73,7 @@ def test_floorguard_services_use_the_worker_settings_names(services: dict[str, A
         config.ENV_KAFKA_SECURITY_PROTOCOL,
         config.ENV_KAFKA_SASL_USERNAME,
         config.ENV_KAFKA_SASL_PASSWORD_FILE,
+        *AUTH_NAMES,
     }
     assert {config.ENV_KAFKA_BOOTSTRAP, config.ENV_DATABASE_URL, config.ENV_TOPIC_PREFIX} <= set(environment)
     floorguard_names = {key for key in environment if key.startswith("FLOORGUARD_")}
@@ -136,8 +138,28 @@ def test_the_database_url_matches_the_postgres_service(services: dict[str, Any])
 
 
 def test_all_floorguard_services_share_one_environment(services: dict[str, Any]) -> None:
-    environments = [services[name]["environment"] for name in FLOORGUARD_SERVICES]
+    """The same settings everywhere; only the worker adds authentication's two."""
+    environments = [{k: v for k, v in services[name]["environment"].items() if k not in AUTH_NAMES}
+                    for name in FLOORGUARD_SERVICES]  # fmt: skip
     assert all(environment == environments[0] for environment in environments)
+
+
+def test_the_worker_and_the_cli_require_signed_commands_with_the_generated_master_secret(
+    services: dict[str, Any],
+) -> None:
+    made = services["master-secret"]
+    generated_path = re.search(r'path = "([^"]+)"', made["command"][0]).group(1)
+    [made_volume] = made["volumes"]
+    volume, directory = made_volume.split(":")[:2]
+    assert generated_path.startswith(directory + "/")
+    for name in ("worker", "cli"):
+        service = services[name]
+        environment = service["environment"]
+        assert environment[config.ENV_AUTH] == "required"
+        assert environment[config.ENV_MASTER_SECRET_FILE] == generated_path
+        assert f"{volume}:{directory}:ro" in service["volumes"], f"{name} does not mount the master secret read-only"
+        assert service["depends_on"]["master-secret"]["condition"] == "service_completed_successfully"
+        assert config.ENV_MASTER_SECRET not in environment, "the master secret is never written in the compose file"
 
 
 def test_images_are_pinned(services: dict[str, Any]) -> None:
@@ -266,6 +288,8 @@ def test_each_service_s_kafka_user_is_created_with_its_role_and_its_password(
         if name == "kafka-users":
             files = [password_file for _, password_file in created.values()]
         for path in files:
+            if path.startswith("/var/lib/floorguard-secrets/"):
+                continue  # the generated master secret, checked above
             assert path.startswith(SECRETS_DIRECTORY)
             secret = path.removeprefix(SECRETS_DIRECTORY)
             assert secret in service["secrets"], f"{name} reads {path} but does not mount it"

@@ -27,7 +27,8 @@ def test_the_ledger_services_use_the_code_s_variables_and_topic_prefix():
         assert environment[config.ENV_TOPIC_PREFIX] == config.TOPIC_PREFIX_DEFAULT
         assert set(environment) <= {config.ENV_KAFKA_BOOTSTRAP, config.ENV_DATABASE_URL, config.ENV_TOPIC_PREFIX,
                                     config.ENV_GROUP_ID, config.ENV_PARTITIONS, config.ENV_KAFKA_SECURITY_PROTOCOL,
-                                    config.ENV_KAFKA_SASL_USERNAME, config.ENV_KAFKA_SASL_PASSWORD_FILE}  # fmt: skip
+                                    config.ENV_KAFKA_SASL_USERNAME, config.ENV_KAFKA_SASL_PASSWORD_FILE,
+                                    config.ENV_AUTH, config.ENV_MASTER_SECRET_FILE}  # fmt: skip
 
 
 def test_endpoints_match_the_kafka_listeners_and_the_postgres_service():
