@@ -173,7 +173,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     document: dict[str, Any] = {}
     for name, value in pairs:
         if name in document:
-            raise _Malformed("value", f"duplicate key {name!r}")
+            raise _Malformed("value", f"duplicate key {_field_name(name)}")  # quoted short (D3)
         document[name] = value
     return document
 
@@ -310,4 +310,18 @@ def _memo(fields: dict[str, Any]) -> str | None:
     value = fields["memo"]
     if not isinstance(value, str) or len(value) > MEMO_LENGTH_MAX_CHARS:
         raise _Malformed("memo", f"must be a string of at most {MEMO_LENGTH_MAX_CHARS} characters")
+    if not _storable(value):
+        raise _Malformed("memo", "must be Unicode text without NUL (no \\u0000, no lone surrogate)")
     return value
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can store. JSON escapes can spell NUL and lone surrogates; stored, they
+    would fail the batch's INSERT with an error no retry cures, and stop the worker (D25)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
