@@ -191,15 +191,22 @@ def _integer(text: str) -> int | _NotAnInteger:
 def _echo(fields: dict[str, Any]) -> dict[str, str | None]:
     """The id, wallet and op a 422 reply may repeat: only values that pass their own check."""
     op = fields.get("op")
+    op = op if isinstance(op, str) and op in Op._value2member_map_ else None
+    command_id = fields.get("id")
     return {
-        "id": _valid_id(fields.get("id")),
+        # An expire's own check is expire:<hold>: an id of the common form fails it, and is not echoed.
+        "id": _valid_expire_id(command_id) if op == Op.EXPIRE else _valid_id(command_id),
         "wallet": _valid_id(fields.get("wallet")),
-        "op": op if isinstance(op, str) and op in Op._value2member_map_ else None,
+        "op": op,
     }
 
 
 def _valid_id(value: Any) -> str | None:
     return value if isinstance(value, str) and ID_PATTERN.fullmatch(value) else None
+
+
+def _valid_expire_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.startswith("expire:") and _valid_id(value[7:]) else None
 
 
 def _fields_to_command(fields: dict[str, Any]) -> Command:
@@ -244,7 +251,7 @@ def _expire_id(fields: dict[str, Any]) -> str:
     value = fields.get("id")
     if "id" not in fields:
         raise _Malformed("id", "required")
-    if not isinstance(value, str) or not value.startswith("expire:") or _valid_id(value[7:]) is None:
+    if _valid_expire_id(value) is None:
         raise _Malformed("id", "must be expire:<hold>")
     return value
 
