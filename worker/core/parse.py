@@ -173,7 +173,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     document: dict[str, Any] = {}
     for name, value in pairs:
         if name in document:
-            raise _Malformed("value", f"duplicate key {name!r}")
+            raise _Malformed("value", f"duplicate key {_field_name(name)}")  # quoted short (D3)
         document[name] = value
     return document
 
@@ -191,15 +191,22 @@ def _integer(text: str) -> int | _NotAnInteger:
 def _echo(fields: dict[str, Any]) -> dict[str, str | None]:
     """The id, wallet and op a 422 reply may repeat: only values that pass their own check."""
     op = fields.get("op")
+    op = op if isinstance(op, str) and op in Op._value2member_map_ else None
+    command_id = fields.get("id")
     return {
-        "id": _valid_id(fields.get("id")),
+        # An expire's own check is expire:<hold>: an id of the common form fails it, and is not echoed.
+        "id": _valid_expire_id(command_id) if op == Op.EXPIRE else _valid_id(command_id),
         "wallet": _valid_id(fields.get("wallet")),
-        "op": op if isinstance(op, str) and op in Op._value2member_map_ else None,
+        "op": op,
     }
 
 
 def _valid_id(value: Any) -> str | None:
     return value if isinstance(value, str) and ID_PATTERN.fullmatch(value) else None
+
+
+def _valid_expire_id(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.startswith("expire:") and _valid_id(value[7:]) else None
 
 
 def _fields_to_command(fields: dict[str, Any]) -> Command:
@@ -244,7 +251,7 @@ def _expire_id(fields: dict[str, Any]) -> str:
     value = fields.get("id")
     if "id" not in fields:
         raise _Malformed("id", "required")
-    if not isinstance(value, str) or not value.startswith("expire:") or _valid_id(value[7:]) is None:
+    if _valid_expire_id(value) is None:
         raise _Malformed("id", "must be expire:<hold>")
     return value
 
@@ -310,4 +317,18 @@ def _memo(fields: dict[str, Any]) -> str | None:
     value = fields["memo"]
     if not isinstance(value, str) or len(value) > MEMO_LENGTH_MAX_CHARS:
         raise _Malformed("memo", f"must be a string of at most {MEMO_LENGTH_MAX_CHARS} characters")
+    if not _storable(value):
+        raise _Malformed("memo", "must be Unicode text without NUL (no \\u0000, no lone surrogate)")
     return value
+
+
+def _storable(text: str) -> bool:
+    """Text PostgreSQL can store. JSON escapes can spell NUL and lone surrogates; stored, they
+    would fail the batch's INSERT with an error no retry cures, and stop the worker (D31)."""
+    if "\x00" in text:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
