@@ -63,6 +63,7 @@ SHORT_HOLD_TTL_MS = 2_000  # reserves left open for the sweepers to expire
 SESSION_TIMEOUT_S = 10  # the worker's (worker/adapter/app.py); a stall outlasts it
 STALL_S = SESSION_TIMEOUT_S + 5
 FAILPOINT_WAIT_S = 40
+STOP_WAIT_S = 60
 SETTLE_S = 10  # load after the last fault, before the offer stops
 DRAIN_TIMEOUT_S = 300
 SAMPLE_EVERY_S = 1.0
@@ -299,6 +300,7 @@ class Faults:
         self.injected: Counter = Counter()
         self.log: list[dict] = []
         self.outages: list[dict] = []
+        self.stuck: list[int] = []  # workers that did not stop within STOP_WAIT_S of a SIGTERM
         self.started = time.monotonic()
 
     def note(self, kind: str, **detail) -> None:
@@ -334,7 +336,12 @@ class Faults:
         stay_s = self.rng.uniform(3, 10)
         await asyncio.sleep(stay_s)
         process.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(process.wait, 60)
+        try:
+            code = await asyncio.to_thread(process.wait, STOP_WAIT_S)
+        except subprocess.TimeoutExpired:  # seen once: a worker that did not stop on SIGTERM
+            self.stuck.append(process.pid)
+            process.kill()
+            code = await asyncio.to_thread(process.wait)
         self.note("join", stayed_s=round(stay_s, 1), exit=code)
 
     async def stall(self) -> None:
@@ -542,6 +549,7 @@ async def main(args: argparse.Namespace) -> dict:
             await partitions_shared(workers, settings.partitions)
         except RuntimeError as error:
             violations.append(f"after the faults: {error}")
+        violations += [f"worker pid {pid} did not stop within {STOP_WAIT_S} s of SIGTERM" for pid in faults.stuck]
         code, line = await asyncio.to_thread(audit, workers)
         if code != 0:
             violations.append(f"floorguard audit exited {code}: {line}")
