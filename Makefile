@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-tools lint bench stack-up stack-down clean
+.PHONY: run test test-tools lint bench chaos stack-up stack-down clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,13 @@ test-tools:
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python loadtest/bench.py
+
+## chaos: faults during a real load (about 8 minutes): workers killed (SIGKILL, between commit and
+## publish too), workers joining, leaving and frozen past their session, Kafka and PostgreSQL stopped
+## and started; then the audit and every guarantee. Writes docs/chaos/summary.json.
+chaos: $(STAMP)
+	$(BIN)/pip install --quiet -e ".[bench]"
+	$(BIN)/python loadtest/chaos.py --seconds 180 --out docs/chaos/summary.json
 
 ## lint: the architecture's import rules (pyproject.toml, [tool.importlinter]).
 lint: $(STAMP)

@@ -81,7 +81,7 @@ def build_app(settings: Settings) -> FastStream:
 
     sweeper = None
     if settings.sweep_interval_ms > 0:
-        sweeper = Sweeper(lambda: runtime["store"], send_expires, processor.owned, clock, settings.sweep_interval_ms)
+        sweeper = Sweeper(lambda: runtime["store"], send_expires, processor.sweepable, clock, settings.sweep_interval_ms)
 
     subscriber = broker.subscriber(
         topics.commands,
@@ -128,6 +128,7 @@ def build_app(settings: Settings) -> FastStream:
             log.info("authentication: %s", mode)
             yield
         finally:
+            await processor.close()
             await processor.flush()  # what was committed goes out before the worker does
             if runtime.get("metrics") is not None:
                 runtime["metrics"].close()

@@ -2,7 +2,8 @@
 
     GET /metrics  Prometheus text format
     GET /health   200 {"status": "ok", ...} while the worker owns partitions and its last batch
-                  succeeded; 503 with the reason otherwise
+                  succeeded; 503 with the reason otherwise (`database_unreachable_s`: how long the
+                  database has been away, its partitions paused; null when it answers)
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ PUBLISH_SECONDS = Histogram("floorguard_publish_seconds", "Publishing a batch's 
 CONSUMER_LAG = Gauge("floorguard_consumer_lag_records", "Records not yet fetched, per owned partition", ["partition"])
 OUTBOX_BACKLOG = Gauge("floorguard_outbox_backlog_records", "Committed records not yet acknowledged by the broker")
 SWEPT = Counter("floorguard_sweeper_expires_total", "expire commands written by the sweeper")
+RECORDS_FETCHED = Counter("floorguard_records_fetched_total", "Command records handed to the worker by its consumer")
+DATABASE_UNREACHABLE = Gauge("floorguard_database_unreachable", "1 while the database is unreachable, else 0")
+DATABASE_OUTAGES = Counter("floorguard_database_outages_total", "Times the database became unreachable")
+PAUSED_PARTITIONS = Gauge("floorguard_paused_partitions", "Partitions not fetched until the database answers")
 
 log = logging.getLogger("floorguard.metrics")
 
@@ -36,13 +41,16 @@ class Health:
     def __init__(self) -> None:
         self.last_batch_ok_s: float | None = None
         self.last_error: str | None = None
+        self.database_away_since_s: float | None = None
         self.partitions: Callable[[], list[int]] = list
 
     def report(self) -> tuple[int, dict]:
         owned = self.partitions()
         body = {"partitions": owned, "last_error": self.last_error,
                 "last_batch_age_s": None if self.last_batch_ok_s is None
-                else round(time.monotonic() - self.last_batch_ok_s, 3)}  # fmt: skip
+                else round(time.monotonic() - self.last_batch_ok_s, 3),
+                "database_unreachable_s": None if self.database_away_since_s is None
+                else round(time.monotonic() - self.database_away_since_s, 3)}  # fmt: skip
         healthy = self.last_error is None
         body["status"] = "ok" if healthy else "degraded"
         return (200 if healthy else 503), body

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -59,6 +61,10 @@ class Processor:
         self._inflight: dict[int, asyncio.Task[None]] = {}  # partition -> its batch being published
         # Held while a batch is decided, so that a rebalance hands partitions over between batches.
         self.busy = asyncio.Lock()
+        # While the database is unreachable every assigned partition is paused at the consumer, so
+        # that nothing is fetched (again and again) into memory; a probe resumes them when it answers.
+        self._database_away_since_s: float | None = None
+        self._probe: asyncio.Task[None] | None = None
 
     @property
     def _store(self) -> Store:
@@ -73,6 +79,9 @@ class Processor:
         """Resume each partition from the database, after publishing what its last owner left."""
         consumer = self._consumer()
         assert consumer is not None
+        if self._database_away_since_s is not None:
+            self._pause(consumer)  # a new assignment starts unpaused; the probe claims these
+            return
         for partition in partitions:
             try:
                 await self._resume(consumer, partition)
@@ -89,6 +98,11 @@ class Processor:
         consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
         self._unpublished.add(partition)
         log.info("partition %d assigned, resuming at offset %d", partition, next_offset)
+
+    async def close(self) -> None:
+        if self._probe is not None:
+            self._probe.cancel()
+            await asyncio.gather(self._probe, return_exceptions=True)
 
     async def revoked(self, partitions: Sequence[int]) -> None:
         async with self.busy:
@@ -131,12 +145,17 @@ class Processor:
             self._published.setdefault(partition, []).extend(positions)
 
     def owned(self) -> list[int]:
-        """The partitions this worker decides now: the ones the sweeper watches."""
+        """The partitions this worker decides now."""
         return list(self._seen)
+
+    def sweepable(self) -> list[int]:
+        """The partitions the sweeper watches: none while the database is away."""
+        return [] if self._database_away_since_s is not None else list(self._seen)
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         if records:
             self._clock.observe(max(raw.timestamp for raw in records))
+        metrics.RECORDS_FETCHED.inc(len(records))
         by_partition: dict[int, list[Parsed]] = defaultdict(list)
         for raw in records:
             by_partition[raw.partition].append(parse(record_of(raw), self._forbidden_reply_topics))
@@ -158,9 +177,8 @@ class Processor:
                 try:
                     await self._resume(consumer, partition)
                 except INFRA_ERRORS as error:
-                    log.warning("partition %d: cannot read its position yet (%r)", partition, error)
-                    await asyncio.sleep(INFRA_BACKOFF_MAX_S)
                     consumer.seek(tp, batch[0].record.offset)  # keep the records coming back
+                    self._database_away(error)
             return False
         if partition in self._unpublished:
             await self.flush([partition])
@@ -187,13 +205,14 @@ class Processor:
             except INFRA_ERRORS as error:
                 for p, positions in taken.items():
                     self._published.setdefault(p, []).extend(positions)
-                metrics.HEALTH.last_error = f"partitions {sorted(owned)}: {error!r}"
-                log.warning("partitions %s: attempt %d failed: %r", sorted(owned), attempt, error)
+                self._database_away(error)
+                log.debug("partitions %s: attempt %d failed: %r", sorted(owned), attempt, error)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
                 continue
             finally:
                 self._applying.difference_update(owned)
+            self._database_back()
             metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
             for partition, committed in outcome.items():
                 if isinstance(committed, Fenced):
@@ -207,9 +226,12 @@ class Processor:
                 if isinstance(committed, Committed):
                     await self._publish_after(partition, committed.outbox)
             return
-        # Out of retries: rewind to the stored positions so that the batches are delivered again.
+        # Out of retries: let go of the batches. Their partitions stay paused; the probe seeks them
+        # to their stored positions and resumes them once the database answers.
+        consumer = self._consumer()
         for partition in batches:
-            await self._resume_from_store(partition)
+            if partition in self._seen and consumer is not None:
+                self._seek(consumer, partition, self._seen[partition])
 
     async def _publish_after(self, partition: int, outbox: list[tuple[int, Outgoing]]) -> None:
         """Publishing overlaps the next batch's transaction: at most one batch of a partition is in
@@ -257,6 +279,71 @@ class Processor:
         if partition not in self._applying:
             await self._tidy(partition)
 
+    # --- database outages ------------------------------------------------------------------------
+
+    def _database_away(self, error: BaseException) -> None:
+        """A transaction or a claim failed: stop fetching until the database answers a probe."""
+        metrics.HEALTH.last_error = f"database: {error!r}"
+        consumer = self._consumer()
+        if self._database_away_since_s is None:
+            self._database_away_since_s = time.monotonic()
+            metrics.HEALTH.database_away_since_s = self._database_away_since_s
+            metrics.DATABASE_UNREACHABLE.set(1)
+            metrics.DATABASE_OUTAGES.inc()
+            log.warning("database unreachable (%r): partitions paused until it answers", error)
+        if consumer is not None:
+            self._pause(consumer)
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._probe_database())
+            self._probe.add_done_callback(_stop_if_failed)
+
+    def _pause(self, consumer: AIOKafkaConsumer) -> None:
+        mine = [tp for tp in consumer.assignment() if tp.topic == self._topics.commands]
+        consumer.pause(*mine)  # fetched but undelivered records of these are dropped, not kept
+        metrics.PAUSED_PARTITIONS.set(len(consumer.paused()))
+
+    async def _probe_database(self) -> None:
+        """Claims every assigned partition again, with bounded backoff, until the database answers;
+        then seeks each to its stored position and resumes fetching."""
+        delay_s = INFRA_BACKOFF_FIRST_S
+        while self._database_away_since_s is not None:
+            await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
+            async with self.busy:  # between batches, never beside one
+                consumer = self._consumer()
+                if self._database_away_since_s is None or consumer is None:
+                    return
+                try:
+                    for tp in sorted(consumer.assignment()):
+                        if tp.topic == self._topics.commands:
+                            self._seen[tp.partition] = await self._store.claim(tp.topic, tp.partition)
+                            self._unpublished.add(tp.partition)  # its outbox is published first
+                            consumer.seek(tp, self._seen[tp.partition])
+                except (*INFRA_ERRORS, IllegalStateError) as error:  # unreachable, or a partition just lost
+                    metrics.HEALTH.last_error = f"database: {error!r}"
+                    log.debug("database probe failed: %r", error)
+                    continue
+                self._database_back()
+
+    def _database_back(self) -> None:
+        if self._database_away_since_s is None:
+            return
+        away_s = time.monotonic() - self._database_away_since_s
+        self._database_away_since_s = None
+        metrics.HEALTH.database_away_since_s = None
+        metrics.DATABASE_UNREACHABLE.set(0)
+        consumer = self._consumer()
+        if consumer is not None:
+            consumer.resume(*consumer.paused())
+            metrics.PAUSED_PARTITIONS.set(0)
+        log.warning("database answers again after %.1f s: partitions resumed", away_s)
+
+    def _seek(self, consumer: AIOKafkaConsumer, partition: int, offset: int) -> None:
+        try:
+            consumer.seek(TopicPartition(self._topics.commands, partition), offset)
+        except IllegalStateError:
+            self._seen.pop(partition, None)  # no longer ours
+
     def refresh_lag(self) -> None:
         """Per owned partition: records in the log not yet decided (high watermark − stored offset)."""
         consumer = self._consumer()
@@ -297,6 +384,14 @@ class Rebalance(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         await self._processor.assigned(sorted(tp.partition for tp in assigned if tp.topic == self._topic))
+
+
+def _stop_if_failed(probe: asyncio.Task[None]) -> None:
+    """A probe that died of anything but a retried fault would leave the partitions paused forever:
+    a bug, so the worker stops (the supervisor or the operator starts it again)."""
+    if not probe.cancelled() and probe.exception() is not None:
+        log.critical("stopping the worker: the database probe failed", exc_info=probe.exception())
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _count(decisions) -> None:

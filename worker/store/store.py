@@ -29,6 +29,10 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    # Seen when the server shuts down under a query: "cannot switch to state 15; another operation
+    # is in progress" (loadtest/chaos.py). Committed or not, a retry is safe: the stored offset
+    # fences a batch decided twice.
+    asyncpg.exceptions.InternalClientError,
 )
 
 
