@@ -28,6 +28,10 @@ SENT_MEMORY_MAX = 100_000  # holds remembered as recently sent
 log = logging.getLogger("floorguard.sweeper")
 
 
+class SendFailed(Exception):
+    """The broker did not take the expires (it is away, or slow): they are written again next sweep."""
+
+
 class BrokerClock:
     """The broker's time as last seen, carried forward on the monotonic clock."""
 
@@ -65,7 +69,7 @@ class Sweeper:
         while True:
             try:
                 await self.sweep()
-            except (*TRANSIENT_ERRORS, asyncio.TimeoutError) as error:
+            except (*TRANSIENT_ERRORS, asyncio.TimeoutError, SendFailed) as error:
                 log.warning("sweep failed, trying again: %r", error)
             await asyncio.sleep(self._interval_s)
 

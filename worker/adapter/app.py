@@ -10,6 +10,7 @@ go out byte for byte through the broker's own producer (see `publisher.py`).
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import signal
@@ -18,6 +19,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
+from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
 from faststream.kafka.annotations import KafkaMessage
@@ -35,10 +37,11 @@ from worker.core.model import Hold
 from worker.core.outgoing import encode
 from worker.store.keys import prepare_worker
 from worker.store.store import Store
-from worker.sweeper import BrokerClock, Sweeper, expire_command
+from worker.sweeper import BrokerClock, SendFailed, Sweeper, expire_command
 
 SESSION_TIMEOUT_MS = 10_000
 GRACEFUL_TIMEOUT_S = 30
+SHUTDOWN_TIMEOUT_S = 45  # from the start of the lifespan's teardown to a forced exit
 PRODUCER_REQUEST_TIMEOUT_MS = 30_000
 
 log = logging.getLogger("floorguard.worker")
@@ -72,11 +75,15 @@ def build_app(settings: Settings) -> FastStream:
         """The sweeper's expires, to the commands topic; returns the broker's latest timestamp."""
         producer = _producer(broker)
         futures = []
-        for hold in holds:
-            value = encode(expire_command(hold))
-            headers = [auth_header(SWEEPER_KEY_ID, sweeper_secret, value)] if sweeper_secret else None
-            futures.append(await producer.send(topics.commands, value=value, key=hold.wallet.encode(), headers=headers))
-        sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
+        try:
+            for hold in holds:
+                value = encode(expire_command(hold))
+                headers = [auth_header(SWEEPER_KEY_ID, sweeper_secret, value)] if sweeper_secret else None
+                futures.append(await producer.send(topics.commands, value=value, key=hold.wallet.encode(),
+                                                   headers=headers))  # fmt: skip
+            sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
+        except KafkaError as error:
+            raise SendFailed(repr(error)) from error
         return max((metadata.timestamp for metadata in sent), default=None)
 
     sweeper = None
@@ -128,6 +135,10 @@ def build_app(settings: Settings) -> FastStream:
             log.info("authentication: %s", mode)
             yield
         finally:
+            # A worker told to stop must stop: should anything hang from here on (seen once under
+            # chaos, after a clean shutdown), dump every thread's stack to the log and exit. Nothing
+            # is lost: decisions are committed whole, and an unpublished outbox is sent by the next owner.
+            faulthandler.dump_traceback_later(SHUTDOWN_TIMEOUT_S, exit=True)
             await processor.close()
             await processor.flush()  # what was committed goes out before the worker does
             if runtime.get("metrics") is not None:

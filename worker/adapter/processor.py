@@ -350,8 +350,12 @@ class Processor:
         metrics.CONSUMER_LAG.clear()
         if consumer is None:
             return
+        assigned = consumer.assignment()  # a partition just revoked may still be in _seen
         for partition, next_offset in list(self._seen.items()):
-            highwater = consumer.highwater(TopicPartition(self._topics.commands, partition))
+            tp = TopicPartition(self._topics.commands, partition)
+            if tp not in assigned:
+                continue
+            highwater = consumer.highwater(tp)
             if highwater is not None:
                 metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - next_offset, 0))
 
