@@ -365,3 +365,112 @@ async def test_replay_of_a_signed_log_needs_the_master_and_decides_the_same(sett
     finally:
         await admin_connection.execute(f'DROP DATABASE IF EXISTS "{target}" WITH (FORCE)')
         await admin_connection.close()
+
+
+IMPOSTOR_RECORDS = 5_000
+
+
+async def test_thousands_of_impostors_change_nothing(settings, workers, auth_env):
+    """A prompt-injected agent and a stranger try everything at once: unsigned commands, forged and
+    tampered signatures, garbage headers, a spend key topping itself up, opening wallets and
+    spending from its neighbour's. Each gets its 401 or 403 (or a dead letter without a reply
+    address); not one is stored; the ledger is exactly as before; honest traffic goes on."""
+    import random
+
+    from aiokafka import AIOKafkaProducer
+
+    from tests.harness import Replies
+
+    workers.start(**auth_env)
+    admin = _create_key(settings, "--admin")
+    spend = _create_key(settings, "--wallet", "victim-agent")
+    spend_id, spend_secret = spend.split(":")
+    async with _ledger(settings, admin) as operator:
+        await _serving(operator)
+        for wallet in ("victim-agent", "neighbour"):
+            await operator.open(wallet)
+            await operator.credit(wallet, 1_000_000)
+    before = await _books(settings)
+
+    rng = random.Random(7)
+    attempts: list[tuple[bytes, bytes, list, int]] = []  # key, value, headers, expected status
+    for n in range(IMPOSTOR_RECORDS):
+        kind = rng.choice(("unsigned", "forged", "tampered", "garbage", "credit", "open", "neighbour", "expire"))
+        wallet = "neighbour" if kind == "neighbour" else "victim-agent"
+        command = {"v": 1, "op": "charge", "id": f"imp-{n}", "wallet": wallet, "amount": rng.randint(1, 10**6)}
+        if kind == "credit":
+            command = {"v": 1, "op": "credit", "id": f"imp-{n}", "wallet": wallet, "amount": 10**9}
+        elif kind == "open":
+            command = {"v": 1, "op": "open", "id": f"imp-{n}", "wallet": f"new-{n}"}
+        elif kind == "expire":
+            command = {"v": 1, "op": "expire", "id": f"expire:h{n}", "wallet": wallet, "hold": f"h{n}"}
+        value = json.dumps(command).encode()
+        headers: list = [("correlation_id", f"imp-{n}".encode())]
+        if rng.random() < 0.9:
+            headers.append(("reply_to", settings.topics.replies.encode()))
+        status = 401
+        if kind == "forged":
+            headers.append(auth_header(spend_id, "fgs_" + "%064x" % rng.getrandbits(256), value))
+        elif kind == "tampered":
+            headers.append(auth_header(spend_id, spend_secret, value.replace(b'"amount": ', b'"amount": 1')))
+        elif kind == "garbage":
+            headers.append(("auth", rng.randbytes(rng.randint(0, 80))))
+        elif kind in ("credit", "open", "neighbour", "expire"):
+            headers.append(auth_header(spend_id, spend_secret, value))
+            status = 403
+        attempts.append((command["wallet"].encode(), value, headers, status))
+
+    replies = Replies(settings.kafka_bootstrap, settings.topics.replies, settings.partitions)
+    dead = Replies(settings.kafka_bootstrap, settings.topics.dlq, settings.partitions)
+    await replies.start()
+    await dead.start()
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
+    await producer.start()
+    try:
+        for key, value, headers, _ in attempts:
+            await producer.send(settings.topics.commands, value, key=key, headers=headers)
+        await producer.flush()
+        async with _ledger(settings, spend) as agent:  # honest traffic, meanwhile and after
+            assert (await agent.charge("victim-agent", 5)).ok
+        answered = {f"imp-{n}" for n, (_, _, headers, _) in enumerate(attempts)
+                    if ("reply_to", settings.topics.replies.encode()) in headers}  # fmt: skip
+        await replies.wait_for(answered, timeout_s=180)
+        dead_letters = IMPOSTOR_RECORDS - len(answered)
+        await _wait(lambda: sum(map(len, dead.received.values())) >= dead_letters, 180)
+    finally:
+        await producer.stop()
+        await replies.stop()
+        await dead.stop()
+
+    for n, (_, _, headers, status) in enumerate(attempts):
+        name = f"imp-{n}"
+        if name in answered:
+            [reply] = replies.received[name]
+            assert reply["status"] == status and "balance" not in reply and "seq" not in reply, (n, reply)
+        else:
+            [letter] = dead.received[name]  # the original record, exactly once
+            assert letter["id"] == json.loads(attempts[n][1])["id"]
+    assert set(dead.received) == {f"imp-{n}" for n in range(IMPOSTOR_RECORDS)} - answered
+    after = await _books(settings)
+    assert after["victim-agent"]["balance"] == before["victim-agent"]["balance"] - 5
+    assert after["neighbour"] == before["neighbour"]
+    assert after["decisions"] == before["decisions"] + 1
+    assert after["wallets"] == before["wallets"]
+
+
+async def _books(settings) -> dict:
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        books = {row["wallet"]: dict(row) for row in await connection.fetch("SELECT * FROM wallets")}
+        books["decisions"] = await connection.fetchval("SELECT count(*) FROM decisions")
+        books["wallets"] = len(books) - 1
+        return books
+    finally:
+        await connection.close()
+
+
+async def _wait(condition, timeout_s: float) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.2)

@@ -20,7 +20,26 @@ from worker.core.outgoing import Outgoing
 SEND_TIMEOUT_S = 30
 TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions (or its absence) are taken as known
 TOPIC_CACHE_SIZE_MAX = 10_000
+LOG_INTERVAL_S = 10.0  # a sender's bad reply addresses are logged once per interval, not per record
 log = logging.getLogger("floorguard.publisher")
+
+
+class _Sparse:
+    """A warning given at most once per interval, with how many like it were held back: whoever
+    can send commands must not be able to fill the worker's disk with its log."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self._interval_s = interval_s
+        self._last_s = -interval_s
+        self._held = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now_s = time.monotonic()
+        if now_s - self._last_s < self._interval_s:
+            self._held += 1
+            return
+        held, self._held, self._last_s = self._held, 0, now_s
+        log.warning(message + (f" ({held} more like it since the last such line)" if held else ""), *args)
 
 
 class Undeliverable(Exception):
@@ -32,6 +51,8 @@ class Publisher:
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
+        self._placed_by_key = _Sparse()
+        self._dead_lettered = _Sparse()
 
     @property
     def _producer(self) -> AIOKafkaProducer:
@@ -66,12 +87,13 @@ class Publisher:
         if partitions:
             # The decision never depends on broker metadata (replay must reproduce it), so a
             # reply_partition the topic lacks only changes where the reply lands: placed by key.
-            log.warning("reply topic %s has no partition %s: reply placed by key", record.topic, record.partition)
+            self._placed_by_key.warning("reply topic %s has no partition %s: reply placed by key", record.topic,
+                                        record.partition)  # fmt: skip
             return Outgoing(record.topic, None, record.key, record.value, record.headers)
         if record.topic == self._dlq_topic:
             raise Undeliverable(f"the dead-letter topic {record.topic} is missing")
         reason = f"reply topic {record.topic} does not exist"
-        log.warning("reply sent to the dead-letter topic: %s", reason)
+        self._dead_lettered.warning("reply sent to the dead-letter topic: %s", reason)
         headers = (*record.headers, ("reason", reason.encode()), ("reply_to", record.topic.encode()))
         return Outgoing(self._dlq_topic, None, record.key, record.value, headers)
 
