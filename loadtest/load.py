@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from worker import config  # noqa: E402
 from worker.adapter.topics import create_topics, delete_topics  # noqa: E402
+from worker.core.auth import auth_header  # noqa: E402
 from worker.cli import settings as resolve_settings  # noqa: E402
 from worker.config import Topics  # noqa: E402
 from worker.store.migrate import migrate  # noqa: E402
@@ -88,11 +89,15 @@ async def setup(args, current) -> tuple[config.Settings, str]:
     return config.Settings(current.kafka_bootstrap, database_url, topics, f"{prefix}-worker", args.partitions), name
 
 
-def start_workers(settings: config.Settings, count: int, log_dir: Path) -> list[tuple[subprocess.Popen, int]]:
+def start_workers(settings: config.Settings, count: int, log_dir: Path,
+                  auth: bool = False) -> list[tuple[subprocess.Popen, int]]:  # fmt: skip
     """Worker processes, each with the port of its /health."""
     env = {**os.environ, config.ENV_KAFKA_BOOTSTRAP: settings.kafka_bootstrap,
            config.ENV_DATABASE_URL: settings.database_url, config.ENV_TOPIC_PREFIX: settings.topics.prefix,
            config.ENV_GROUP_ID: settings.group_id}  # fmt: skip
+    if auth:
+        env.pop(config.ENV_MASTER_SECRET_FILE, None)  # the local stack's; this run's ledger has its own
+        env.update({config.ENV_AUTH: "required", config.ENV_MASTER_SECRET: LOAD_MASTER_SECRET.decode()})
     log_dir.mkdir(parents=True, exist_ok=True)
     started = []
     for i in range(count):
@@ -129,9 +134,27 @@ def owned(port: int) -> list[int] | None:
         return None
 
 
+# --auth: the workers require signed commands and the generator signs each one with an admin key,
+# as an operator's tooling would (a per-run secret: the run's database is its own).
+LOAD_MASTER_SECRET = f"load-master-{uuid.uuid4().hex}{uuid.uuid4().hex}".encode()
+
+
+async def admin_key(settings: config.Settings) -> tuple[str, str]:
+    from worker.core.auth import Scope
+    from worker.store import keys
+
+    connection = await asyncpg.connect(settings.database_url)
+    try:
+        made = await keys.create_key(connection, LOAD_MASTER_SECRET, Scope.ADMIN, label="load generator")
+    finally:
+        await connection.close()
+    return made.key.key_id, made.secret
+
+
 class Client:
-    def __init__(self, settings: config.Settings, run: Run) -> None:
+    def __init__(self, settings: config.Settings, run: Run, key: tuple[str, str] | None = None) -> None:
         self.settings, self.run = settings, run
+        self.key = key
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=1,
                                          max_batch_size=262_144, enable_idempotence=True)  # fmt: skip
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
@@ -160,11 +183,12 @@ class Client:
         self.run.sent_at[correlation_id] = time.monotonic()
         self.run.commands[correlation_id] = command
         self.run.waiting += 1
+        value = json.dumps(command, separators=(",", ":")).encode()
+        headers = [("reply_to", self.settings.topics.replies.encode()), ("correlation_id", correlation_id.encode())]
+        if self.key is not None:
+            headers.append(auth_header(self.key[0], self.key[1], value))
         self.pending.append(await self.producer.send(
-            self.settings.topics.commands, json.dumps(command, separators=(",", ":")).encode(),
-            key=command["wallet"].encode(),
-            headers=[("reply_to", self.settings.topics.replies.encode()), ("correlation_id", correlation_id.encode())],
-        ))  # fmt: skip
+            self.settings.topics.commands, value, key=command["wallet"].encode(), headers=headers))  # fmt: skip
         if len(self.pending) > 10_000:
             await asyncio.gather(*self.pending)
             self.pending.clear()
@@ -263,10 +287,10 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
     """One run. `on_offer(worker_pids)`, when given, is started as a task once the offer begins."""
     current = current or resolve_settings()
     settings, database = await setup(args, current)
-    started = start_workers(settings, args.workers, Path(args.logs))
+    started = start_workers(settings, args.workers, Path(args.logs), auth=args.auth)
     workers = [process for process, _ in started]
     run, rng = Run(), random.Random(args.seed)
-    client = Client(settings, run)
+    client = Client(settings, run, await admin_key(settings) if args.auth else None)
     try:
         await client.start()
         await shared_out([port for _, port in started], settings.partitions)
@@ -366,6 +390,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hold-share", type=float, default=0.05, help="share of reserves (then capture/release)")
     parser.add_argument("--retry-share", type=float, default=0.05, help="share of commands sent again")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--auth", action="store_true", help="workers require signed commands; every command is signed")
     parser.add_argument("--logs", default=str(ROOT / ".floorguard" / "load-logs"))
     parser.add_argument("--out", help="write the JSON result here too")
     return parser.parse_args(argv)

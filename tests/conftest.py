@@ -106,9 +106,14 @@ def skewed_clock(offset: str) -> dict[str, str]:
     return {"LD_PRELOAD": found[0], "FAKETIME": offset, "FAKETIME_DONT_RESET": "1"}
 
 
+# Settings a developer's shell may carry (`eval "$(floorguard stack up)"`) that would change what a
+# test's worker does: each test names its own.
+INHERITED_NOT = (config.ENV_AUTH, config.ENV_MASTER_SECRET, config.ENV_MASTER_SECRET_FILE, config.ENV_KEY)
+
+
 def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
     return {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name not in INHERITED_NOT},
         config.ENV_KAFKA_BOOTSTRAP: settings.kafka_bootstrap,
         config.ENV_DATABASE_URL: settings.database_url,
         config.ENV_TOPIC_PREFIX: settings.topics.prefix,

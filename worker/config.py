@@ -221,6 +221,8 @@ def master_secret_from_env() -> bytes | None:
     """The operators' master secret, from $FLOORGUARD_MASTER_SECRET_FILE (preferred: it stays out
     of process listings) or $FLOORGUARD_MASTER_SECRET; None when neither is set."""
     path = os.environ.get(ENV_MASTER_SECRET_FILE)
+    if path and os.environ.get(ENV_MASTER_SECRET):
+        raise Misconfigured(f"{ENV_MASTER_SECRET_FILE} and {ENV_MASTER_SECRET} are both set: set one")
     if path:
         try:
             text = Path(path).read_text().strip()
