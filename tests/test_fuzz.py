@@ -451,3 +451,51 @@ async def test_a_memo_the_database_cannot_store_is_a_422_and_the_worker_goes_on(
         assert reply.status == 422 and reply.message.startswith("memo: "), reply
     assert (await ledger.charge("w", 1, memo="fine: é, 😀, \u2028")).status == 200
     assert worker.poll() is None
+
+
+async def test_a_header_name_that_is_not_utf8_stops_nothing(workers, ledger, settings, monkeypatch):
+    """Regression: aiokafka decodes header names as strict UTF-8, so one record whose header name is
+    raw bytes (any client writing bytes can send it) made every fetch of its partition raise, for
+    ever. The worker now reads such a batch leniently (worker/adapter/fetch_guard.py); the unknown
+    header is ignored, as the contract says, and the records around it are decided too."""
+    import aiokafka.producer.message_accumulator as accumulator
+    import aiokafka.producer.producer as producer_module
+    from aiokafka import AIOKafkaProducer
+    from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+
+    class RawName(str):  # a header name that encodes to bytes that are not UTF-8
+        def encode(self, *args, **kwargs):
+            return b"\xff\xfe-not-utf8"
+
+    # This test's producer builds its batches with aiokafka's pure-Python builder, which takes the
+    # name's bytes as given; restored after the test.
+    monkeypatch.setattr(accumulator, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    monkeypatch.setattr(producer_module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+
+    worker = workers.start()
+    await wait_until_serving(ledger)
+    await ledger.open("w")
+    await ledger.credit("w", 100)
+    raw = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+    await raw.start()
+    async with Topic(settings.kafka_bootstrap, [settings.topics.replies], settings.partitions) as replies:
+        try:
+            for name, bad in (("before", False), ("poison", True), ("after", False)):
+                command = {"v": 1, "op": "charge", "id": name, "wallet": "w", "amount": 1}
+                headers = [("reply_to", settings.topics.replies.encode()), ("correlation_id", name.encode())]
+                if bad:
+                    headers.append((RawName("x"), b"v"))
+                await raw.send_and_wait(settings.topics.commands, json.dumps(command).encode(), key=b"w",
+                                        headers=headers)  # fmt: skip
+        finally:
+            await raw.stop()
+        wanted = {"before", "poison", "after"}
+        deadline = asyncio.get_running_loop().time() + 60
+        while not wanted <= {dict(r.headers).get("correlation_id", b"").decode() for r in replies.records}:
+            assert asyncio.get_running_loop().time() < deadline, "a record was never answered: its partition is stuck"
+            await asyncio.sleep(0.2)
+    answers = {dict(r.headers)["correlation_id"].decode(): json.loads(r.value) for r in replies.records}
+    assert [answers[name]["status"] for name in ("before", "poison", "after")] == [200, 200, 200], answers
+    assert answers["after"]["balance"] == 97
+    assert (await ledger.charge("w", 1)).balance == 96  # the partition goes on
+    assert worker.poll() is None

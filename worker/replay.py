@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from aiokafka import ConsumerRecord
 
+from worker.adapter import fetch_guard
 from worker.adapter.processor import record_of
 from worker.adapter.streams import read_to_end, topic_partitions
 from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCredentials, Misconfigured, Topics
@@ -47,6 +48,7 @@ class Replayed:
 async def replay(bootstrap: str, topics: Topics, source_url: str, target_url: str,
                  progress: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
                  master_secret: bytes | None = None, credentials: KafkaCredentials | None = None) -> Replayed:  # fmt: skip
+    fetch_guard.install()  # read every record of the log as the workers did
     await migrate(target_url)
     store = await Store.connect(target_url, master_secret=master_secret)
     try:

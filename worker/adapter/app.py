@@ -27,7 +27,7 @@ from faststream.kafka.message import FAKE_CONSUMER
 from faststream.kafka.message import KafkaMessage as KafkaMessageClass
 from faststream.security import BaseSecurity, SASLScram512
 
-from worker.adapter import metrics
+from worker.adapter import fetch_guard, metrics
 from worker.adapter.processor import Processor, Rebalance
 from worker.adapter.publisher import Publisher
 from worker.adapter.topics import check_commands_topic
@@ -48,6 +48,7 @@ log = logging.getLogger("floorguard.worker")
 
 
 def build_app(settings: Settings) -> FastStream:
+    fetch_guard.install()  # a header name that is not UTF-8 must not stop a partition
     topics = settings.topics
     broker = KafkaBroker(
         settings.kafka_bootstrap,

@@ -404,5 +404,16 @@ def _count(decisions) -> None:
 
 
 def record_of(raw: ConsumerRecord) -> Record:
-    headers = tuple((name, value if isinstance(value, bytes) else b"") for name, value in raw.headers or ())
+    headers = tuple((name if name.isascii() else _utf8(name), value if isinstance(value, bytes) else b"")
+                    for name, value in raw.headers or ())  # fmt: skip
     return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, headers)
+
+
+def _utf8(name: str) -> str:
+    """A header name as text that can be stored and sent again: bytes that were not UTF-8 (kept
+    as surrogates by `fetch_guard`) become U+FFFD."""
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
