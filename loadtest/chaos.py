@@ -288,7 +288,8 @@ async def partitions_shared(workers: Workers, partitions: int, timeout_s: float 
         if all(held) and owned == list(range(partitions)):
             return
         await asyncio.sleep(0.5)
-    raise RuntimeError(f"the workers never shared out the {partitions} partitions")
+    shown = [None if h is None else {"partitions": h["partitions"], "status": h.get("status")} for h in held]
+    raise RuntimeError(f"the workers never shared out the {partitions} partitions: their /health said {shown}")
 
 
 # --- faults ---------------------------------------------------------------------------------------

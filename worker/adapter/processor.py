@@ -145,12 +145,16 @@ class Processor:
             self._published.setdefault(partition, []).extend(positions)
 
     def owned(self) -> list[int]:
-        """The partitions this worker decides now."""
-        return list(self._seen)
+        """The partitions this worker decides now: assigned to it and claimed from the database."""
+        consumer = self._consumer()
+        if consumer is None:
+            return []
+        assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self._topics.commands}
+        return sorted(p for p in self._seen if p in assigned)
 
     def sweepable(self) -> list[int]:
         """The partitions the sweeper watches: none while the database is away."""
-        return [] if self._database_away_since_s is not None else list(self._seen)
+        return [] if self._database_away_since_s is not None else self.owned()
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
         if records:
