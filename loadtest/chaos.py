@@ -48,7 +48,7 @@ from aiokafka.errors import KafkaError
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from loadtest.load import resident_size_mib, setup  # noqa: E402
+from loadtest.load import health, resident_size_mib, setup, shared_out  # noqa: E402
 from worker import config, stack  # noqa: E402
 from worker.adapter.topics import delete_topics  # noqa: E402
 from worker.stack import kafka, postgres  # noqa: E402
@@ -269,27 +269,6 @@ def scrape(port: int) -> dict[str, float]:
             values[name] = float(value)
     return values
 
-
-def health(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=HTTP_TIMEOUT_S) as response:
-            return json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return json.loads(error.read())
-    except OSError:
-        return None
-
-
-async def partitions_shared(workers: Workers, partitions: int, timeout_s: float = 120) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        held = [await asyncio.to_thread(health, port) for port in workers.ports()]
-        owned = sorted(p for h in held if h for p in h["partitions"])
-        if all(held) and owned == list(range(partitions)):
-            return
-        await asyncio.sleep(0.5)
-    shown = [None if h is None else {"partitions": h["partitions"], "status": h.get("status")} for h in held]
-    raise RuntimeError(f"the workers never shared out the {partitions} partitions: their /health said {shown}")
 
 
 # --- faults ---------------------------------------------------------------------------------------
@@ -525,7 +504,7 @@ async def main(args: argparse.Namespace) -> dict:
     try:
         workers.start()
         await load.start()
-        await partitions_shared(workers, settings.partitions)
+        await shared_out(workers.ports(), settings.partitions)
         wallets = [f"w{i}" for i in range(args.wallets)]
         for wallet in wallets:
             await load.send({"v": 1, "op": "open", "id": "open", "wallet": wallet})
@@ -547,7 +526,7 @@ async def main(args: argparse.Namespace) -> dict:
         counts, found = await check(settings, ledger)
         violations += found
         try:  # the supervised workers, restarted or thawed, each decide a share again
-            await partitions_shared(workers, settings.partitions)
+            await shared_out(workers.ports(), settings.partitions)
         except RuntimeError as error:
             violations.append(f"after the faults: {error}")
         violations += [f"worker pid {pid} did not stop within {STOP_WAIT_S} s of SIGTERM" for pid in faults.stuck]

@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from bisect import bisect
@@ -50,6 +51,7 @@ from worker.store.migrate import migrate  # noqa: E402
 LATENCY_MAX_US = 60_000_000
 TICK_S = 0.001
 DRAIN_TIMEOUT_S = 120
+HEALTH_TIMEOUT_S = 5
 FUNDS = 10_000_000  # per wallet; the hot wallet gets less, so that its budget runs out mid-run
 AMOUNT_MAX = 1_000
 
@@ -115,21 +117,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def shared_out(ports: list[int], partitions: int, timeout_s: float = 120) -> None:
-    """Until every worker owns a share and together they own every partition: no rebalance mid-run."""
+async def shared_out(ports: list[int], partitions: int, timeout_s: float = 120) -> list[list[int]]:
+    """Until every worker owns a share and together they own every partition exactly once (no
+    rebalance under way); returns each worker's share."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        held = [await asyncio.to_thread(owned, port) for port in ports]
-        if all(held) and sorted(p for share in held for p in share) == list(range(partitions)):
-            return
+    while True:
+        held = [await asyncio.to_thread(health, port) for port in ports]
+        shares = [report["partitions"] if report else [] for report in held]
+        if all(shares) and sorted(p for share in shares for p in share) == list(range(partitions)):
+            return shares
+        if time.monotonic() >= deadline:
+            raise RuntimeError(f"the workers never shared out the {partitions} partitions: their /health said {held}")
         await asyncio.sleep(0.2)
-    raise RuntimeError(f"the workers never shared out the {partitions} partitions")
 
 
-def owned(port: int) -> list[int] | None:
+def health(port: int) -> dict | None:
+    """A worker's /health report, healthy (200) or not (503); None when it does not answer."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            return json.loads(response.read())["partitions"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=HEALTH_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return json.loads(error.read())
     except OSError:
         return None
 

@@ -78,7 +78,8 @@ async def main() -> None:
     await admin.execute(f'CREATE DATABASE "{name}"')
     target = urlunsplit(urlsplit(current.database_url)._replace(path=f"/{name}"))
     try:
-        result = await replay(current.kafka_bootstrap, topics, current.database_url, target)
+        result = await replay(current.kafka_bootstrap, topics, current.database_url, target,
+                              master_secret=current.master_secret)
     finally:
         await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
         await admin.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 
@@ -19,16 +20,21 @@ from worker.store.store import Fenced, PartitionBatch, Store
 
 
 async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
-    first = workers.start(FLOORGUARD_FAILPOINT="after_commit:4")
-    await wait_until_serving(ledger)  # batch 1
-    await ledger.open("w")  # batch 2
-    await ledger.credit("w", 1_000)  # batch 3
+    # The wallet is made by a worker of its own, so that the failing one's first commit is a batch of
+    # charges whatever the setup took (a probe sent again while the group formed is one more batch).
+    setup = workers.start()
+    await wait_until_serving(ledger)
+    await ledger.open("w")
+    await ledger.credit("w", 1_000)
+    setup.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(setup.wait, 60) == 0
+    first = workers.start(FLOORGUARD_FAILPOINT="after_commit:1")
     commands = [{"v": 1, "op": "charge", "id": f"k{i}", "wallet": "w", "amount": 3} for i in range(400)]
     replies = Replies(settings.kafka_bootstrap, settings.topics.replies, settings.partitions)
     await replies.start()
     try:
         await send_all(settings, commands, producers=8)
-        assert await asyncio.to_thread(first.wait, 60) == -9  # SIGKILL after the 4th commit
+        assert await asyncio.to_thread(first.wait, 60) == -9  # SIGKILL after its first commit
         connection = await asyncpg.connect(settings.database_url)
         try:
             stranded = await connection.fetchval("SELECT count(*) FROM outbox")

@@ -1,12 +1,11 @@
 """`floorguard worker --processes N`: one group of N processes sharing the partitions."""
 
 import asyncio
-import json
 import os
 import signal
 import socket
-import urllib.request
 
+from loadtest.load import shared_out
 from tests.conftest import wait_until_serving
 
 
@@ -29,29 +28,11 @@ def _free(port: int) -> bool:
     return True
 
 
-def owned(port: int) -> list[int] | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-            return json.loads(response.read())["partitions"]
-    except OSError:
-        return None
-
-
-async def shares(ports: list[int], partitions: int) -> list[list[int]]:
-    """Each process's partitions, once together they hold every partition exactly once."""
-    for _ in range(300):
-        held = [owned(port) for port in ports]
-        if all(held) and sorted(p for share in held for p in share) == list(range(partitions)):
-            return held
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"the partitions were never shared out: {held}")
-
-
 async def test_processes_share_the_partitions_and_come_back(workers, ledger, settings):
     base = free_ports(2)
     supervisor = workers.start("--processes", "2", FLOORGUARD_METRICS_PORT=str(base))
     await wait_until_serving(ledger)
-    first = await shares([base, base + 1], settings.partitions)
+    first = await shared_out([base, base + 1], settings.partitions, timeout_s=30)
     assert all(first), first  # both processes decide a share
 
     wallets = [f"proc-{i}" for i in range(16)]  # spread over every partition
@@ -64,7 +45,7 @@ async def test_processes_share_the_partitions_and_come_back(workers, ledger, set
     victim = [int(line.split()[0]) for line in os.popen(f"pgrep -P {supervisor.pid} -a").read().splitlines()][0]
     os.kill(victim, signal.SIGKILL)
     await asyncio.sleep(1)
-    again = await shares([base, base + 1], settings.partitions)
+    again = await shared_out([base, base + 1], settings.partitions, timeout_s=30)
     assert all(again), again
     assert [(await ledger.credit(wallet, 1)).balance for wallet in wallets] == [1] * len(wallets)
 

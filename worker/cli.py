@@ -431,18 +431,19 @@ def _price_line(row: Any) -> str:
 # --- keys and authentication -------------------------------------------------------------------
 
 
-async def _with_connection(action: Any) -> Any:
+async def _with_connection(database_url: str, action: Any) -> Any:
     from worker.store import books
 
-    connection = await books.connect(settings().database_url)
+    connection = await books.connect(database_url)
     try:
         return await action(connection)
     finally:
         await connection.close()
 
 
-def _master() -> bytes:
-    master = config.master_secret_from_env()
+def _master(current: Settings) -> bytes:
+    """The master secret: named by the environment, else the local stack's (see `settings`)."""
+    master = current.master_secret
     if master is None:
         raise config.Misconfigured(f"keys are derived from the master secret: set {config.ENV_MASTER_SECRET_FILE} "
                                    f"or {config.ENV_MASTER_SECRET}")  # fmt: skip
@@ -453,11 +454,12 @@ def _key_create(args: argparse.Namespace) -> int:
     from worker.core.auth import Scope
     from worker.store import keys
 
-    settings()  # starts the local stack, and names its master secret, when nothing else names one
-    master = _master()
+    current = settings()  # starts the local stack, and names its master secret, when nothing else names one
+    master = _master(current)
     scope = Scope.ADMIN if args.admin else Scope.WALLET
     try:
-        made = asyncio.run(_with_connection(lambda c: keys.create_key(c, master, scope, args.wallet, args.label)))
+        made = asyncio.run(_with_connection(current.database_url,
+                                            lambda c: keys.create_key(c, master, scope, args.wallet, args.label)))
     except keys.WrongMasterSecret as error:
         raise config.Misconfigured(str(error)) from None
     if args.json:
@@ -472,7 +474,7 @@ def _key_create(args: argparse.Namespace) -> int:
 def _key_list(args: argparse.Namespace) -> int:
     from worker.store import keys
 
-    for row in asyncio.run(_with_connection(keys.list_keys)):
+    for row in asyncio.run(_with_connection(settings().database_url, keys.list_keys)):
         if args.json:
             print(json.dumps(_key_json(row)))
         else:
@@ -484,7 +486,7 @@ def _key_list(args: argparse.Namespace) -> int:
 def _key_revoke(args: argparse.Namespace) -> int:
     from worker.store import keys
 
-    revoked_at_ms = asyncio.run(_with_connection(lambda c: keys.revoke_key(c, args.key_id)))
+    revoked_at_ms = asyncio.run(_with_connection(settings().database_url, lambda c: keys.revoke_key(c, args.key_id)))
     if revoked_at_ms is None:
         print(f"no active key {args.key_id}", file=sys.stderr)
         return EXIT_REFUSED
@@ -495,20 +497,21 @@ def _key_revoke(args: argparse.Namespace) -> int:
 def _auth(args: argparse.Namespace) -> int:
     from worker.store import keys
 
+    current = settings()
     if args.action == "status":
-        print(asyncio.run(_with_connection(keys.current_mode)))
+        print(asyncio.run(_with_connection(current.database_url, keys.current_mode)))
         return 0
     if args.action == "required":
-        master = _master()
+        master = _master(current)
 
         async def switch_on(connection: Any) -> int | None:
             await keys.check_master(connection, master)
             await keys.ensure_sweeper_key(connection, master)
             return await keys.set_mode(connection, "required")
 
-        valid_from_ms = asyncio.run(_with_connection(switch_on))
+        valid_from_ms = asyncio.run(_with_connection(current.database_url, switch_on))
     else:
-        valid_from_ms = asyncio.run(_with_connection(lambda c: keys.set_mode(c, "off")))
+        valid_from_ms = asyncio.run(_with_connection(current.database_url, lambda c: keys.set_mode(c, "off")))
     if valid_from_ms is None:
         print(f"authentication is {args.action} already")
     else:

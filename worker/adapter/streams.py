@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -28,9 +29,20 @@ async def topic_partitions(bootstrap: str, topic: str, credentials: KafkaCredent
     return sorted(p["partition"] for p in described["partitions"])
 
 
-def _consumer(bootstrap: str, credentials: KafkaCredentials | None) -> AIOKafkaConsumer:
-    return AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed",
-                            **kafka_client_options(credentials))  # fmt: skip
+@asynccontextmanager
+async def _assigned(bootstrap: str, topic: str,
+                    credentials: KafkaCredentials | None) -> AsyncIterator[tuple[AIOKafkaConsumer, list[TopicPartition]]]:  # fmt: skip
+    """A consumer outside any group, assigned every partition of the topic, and those partitions."""
+    partitions = await topic_partitions(bootstrap, topic, credentials)
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, isolation_level="read_committed",
+                                **kafka_client_options(credentials))  # fmt: skip
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        yield consumer, tps
+    finally:
+        await consumer.stop()
 
 
 async def read_to_end(
@@ -43,12 +55,7 @@ async def read_to_end(
 ) -> dict[int, int]:
     """Hand every record from the start (or `start_offsets`) to the end as it was when the call
     began, in batches of one partition each; return those end offsets."""
-    partitions = await topic_partitions(bootstrap, topic, credentials)
-    consumer = _consumer(bootstrap, credentials)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
+    async with _assigned(bootstrap, topic, credentials) as (consumer, tps):
         ends = {tp.partition: offset for tp, offset in (await consumer.end_offsets(tps)).items()}
         on_ends(ends)
         for tp in tps:
@@ -64,19 +71,12 @@ async def read_to_end(
                 if await consumer.position(tp) >= ends[tp.partition]:
                     remaining.discard(tp)
         return ends
-    finally:
-        await consumer.stop()
 
 
 async def follow(bootstrap: str, topic: str, from_beginning: bool = False,
                  credentials: KafkaCredentials | None = None) -> AsyncIterator[ConsumerRecord]:
     """Every record of the topic from now on (or from its beginning), as it arrives."""
-    partitions = await topic_partitions(bootstrap, topic, credentials)
-    consumer = _consumer(bootstrap, credentials)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
+    async with _assigned(bootstrap, topic, credentials) as (consumer, tps):
         if from_beginning:
             await consumer.seek_to_beginning(*tps)
         else:
@@ -88,5 +88,3 @@ async def follow(bootstrap: str, topic: str, from_beginning: bool = False,
                 for record in records:
                     yield record
             await asyncio.sleep(0)
-    finally:
-        await consumer.stop()

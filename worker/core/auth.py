@@ -18,7 +18,7 @@ from enum import StrEnum
 from functools import lru_cache
 
 from worker.core.codes import Op
-from worker.core.model import Command, Record
+from worker.core.model import Command, Parsed, Record
 
 AUTH_HEADER = "auth"
 SIGNATURE_HEX_CHARS = 64
@@ -100,15 +100,9 @@ def credentials(record: Record) -> Credentials | str:
     return Credentials(key_id, signature)
 
 
-def key_id_of(record: Record) -> str | None:
-    """The key a record names, for the shell to load before deciding."""
-    found = credentials(record)
-    return found.key_id if isinstance(found, Credentials) else None
-
-
-def authenticate(authority: Authority, record: Record, at_ms: int) -> Key | str:
+def authenticate(authority: Authority, parsed: Parsed, at_ms: int) -> Key | str:
     """The key that signed the record, or why it is refused (401)."""
-    found = credentials(record)
+    found = parsed.credentials
     if isinstance(found, str):
         return f"auth: {found}"
     key = authority.keys.get(found.key_id)
@@ -117,7 +111,7 @@ def authenticate(authority: Authority, record: Record, at_ms: int) -> Key | str:
     if not key.valid_at(at_ms):
         return "auth: key revoked" if key.revoked_at_ms is not None and at_ms >= key.revoked_at_ms else "auth: key not valid yet"
     assert authority.secret_of is not None, "authentication required without a master secret"
-    expected = signature(authority.secret_of(key.key_id), record.value or b"")
+    expected = signature(authority.secret_of(key.key_id), parsed.record.value or b"")
     if not hmac.compare_digest(expected, found.signature):
         return "auth: signature does not match the value"
     return key

@@ -67,7 +67,7 @@ def decide(state: PartitionState, parsed: Parsed, at_ms: int) -> Decision:
     command = parsed.command
     key = None
     if state.authority is not None and state.authority.required_at(at_ms):
-        key = authenticate(state.authority, parsed.record, at_ms)
+        key = authenticate(state.authority, parsed, at_ms)
         if isinstance(key, str):
             return _unauthorized(parsed, ErrorCode.UNAUTHENTICATED, key, at_ms)
     if isinstance(command, Invalid):

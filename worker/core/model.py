@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from worker.core.codes import ErrorCode, Op
 
 if TYPE_CHECKING:
-    from worker.core.auth import Authority
+    from worker.core.auth import Authority, Credentials
 
 Reply = dict[str, Any]  # one reply object exactly as it goes on the wire (before JSON encoding)
 
@@ -115,6 +115,7 @@ class Parsed:
     command: Command | Invalid
     reply_address: ReplyAddress | None
     dead_letter_reason: str | None = None
+    credentials: Credentials | str = "missing"  # the `auth` header read, or what is wrong with it
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from worker.core.auth import credentials
 from worker.core.codes import SAFE_INTEGER_MAX, Op
 from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress, Usage
 
@@ -61,13 +62,14 @@ def parse(record: Record, forbidden_reply_topics: Iterable[str]) -> Parsed:
     """Parse one record. Never raises for bad input: every problem becomes an `Invalid`."""
     reply_address, address_problem = _reply_address(record, frozenset(forbidden_reply_topics))
     command = _command(record)
+    signed = credentials(record)
     if address_problem is not None:
         # A broken reply address is a 422 of its own, whatever the value says.
         invalid = address_problem if isinstance(command, Command) else command
-        return Parsed(record, _as_invalid(invalid, address_problem), None, address_problem.message)
+        return Parsed(record, _as_invalid(invalid, address_problem), None, address_problem.message, signed)
     if isinstance(command, Invalid) and reply_address is None:
-        return Parsed(record, command, None, f"no reply_to header to answer with: {command.message}")
-    return Parsed(record, command, reply_address)
+        return Parsed(record, command, None, f"no reply_to header to answer with: {command.message}", signed)
+    return Parsed(record, command, reply_address, None, signed)
 
 
 def _as_invalid(command: Command | Invalid, fallback: Invalid) -> Invalid:

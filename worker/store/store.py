@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from worker.core.auth import Authority, Key, Scope, key_id_of, secret_deriver
+from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
 from worker.core.decide import decide_batch
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
@@ -196,7 +196,7 @@ class Store:
             self._auth_version = version
         if not self._auth_modes:
             return None
-        named = {key_id for parsed in batch if (key_id := key_id_of(parsed.record)) is not None}
+        named = {parsed.credentials.key_id for parsed in batch if isinstance(parsed.credentials, Credentials)}
         missing = sorted(named - self._auth_keys.keys())
         if missing:
             if len(self._auth_keys) + len(missing) > KEYS_CACHED_MAX:
