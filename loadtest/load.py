@@ -29,6 +29,7 @@ import urllib.error
 import urllib.request
 import uuid
 from bisect import bisect
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -36,6 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
+from aiokafka.producer.message_accumulator import BatchBuilder
 from hdrh.histogram import HdrHistogram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,15 +59,38 @@ FUNDS = 10_000_000  # per wallet; the hot wallet gets less, so that its budget r
 AMOUNT_MAX = 1_000
 
 
+# A command's value, formatted directly: its ids and wallet names are plain ASCII, and json.dumps
+# per command would cost the generator more than the worker spends deciding it.
+CHARGE = b'{"v":1,"op":"charge","id":"%s","wallet":"%s","amount":%d}'
+RESERVE = b'{"v":1,"op":"reserve","id":"%s","wallet":"%s","amount":%d}'
+CAPTURE = b'{"v":1,"op":"capture","id":"%s","wallet":"%s","hold":"%s","amount":%d}'
+RELEASE = b'{"v":1,"op":"release","id":"%s","wallet":"%s","hold":"%s"}'
+OPEN = b'{"v":1,"op":"open","id":"open","wallet":"%s"}'
+CREDIT = b'{"v":1,"op":"credit","id":"fund","wallet":"%s","amount":%d}'
+
+Placed = tuple[bytes, int]  # a wallet's record key and the partition Kafka's default partitioner gives it
+
+
 @dataclass
 class Run:
     histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, LATENCY_MAX_US, 3))
-    sent_at: dict[str, float] = field(default_factory=dict)  # correlation id -> monotonic send time
-    commands: dict[str, dict] = field(default_factory=dict)  # correlation id -> command
-    replies: dict[str, dict] = field(default_factory=dict)
+    # correlation id -> monotonic send time, until the send's first reply
+    sent_at: dict[bytes, float] = field(default_factory=dict)
+    # correlation id of a reserve (or of its retry) -> its wallet and id, until its reply
+    holds: dict[bytes, tuple[Placed, bytes]] = field(default_factory=dict)
+    answered: int = 0  # sends with a reply
     timeline: dict[int, list[int]] = field(default_factory=dict)  # second -> [replies, sum latency us]
     started: float = 0.0
-    waiting: int = 0
+
+    def record(self, latencies_us: list[int], now: float) -> None:
+        """Replies read together at `now`. Sends of one tick read in one fetch share a latency, so
+        the histogram takes each value once with its count."""
+        self.answered += len(latencies_us)
+        for latency_us, count in Counter(latencies_us).items():
+            self.histogram.record_value(min(latency_us, LATENCY_MAX_US), count)
+        second = self.timeline.setdefault(int(now - self.started), [0, 0])
+        second[0] += len(latencies_us)
+        second[1] += sum(latencies_us)
 
 
 def pick(distribution: str, wallets: int, rng: random.Random):
@@ -160,117 +186,179 @@ async def admin_key(settings: config.Settings) -> tuple[str, str]:
 
 
 class Client:
+    """Sends commands in batches, one per partition, and reads the replies in batches.
+
+    `send` only appends to its partition's open batch; the flusher task hands the batches to the
+    producer, so that neither the offer nor the reader waits while a partition's previous batch is
+    still queued (send_batch waits then). Records go to the partition Kafka's default partitioner
+    gives their key: the worker relies on a wallet's commands being where any client puts them.
+    """
+
     def __init__(self, settings: config.Settings, run: Run, key: tuple[str, str] | None = None) -> None:
         self.settings, self.run = settings, run
         self.key = key
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=1,
+        # linger_ms=0: a batch is handed over once its tick's commands are in; lingering again would only delay it.
+        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0,
                                          max_batch_size=262_144, enable_idempotence=True)  # fmt: skip
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
                                          fetch_max_wait_ms=5)  # fmt: skip
-        self.on_reply = lambda command, reply: None
-        self.pending: list[asyncio.Future] = []
+        self.on_reserved = lambda wallet, reserve_id, reply, now: None
+        self.reply_to = ("reply_to", settings.topics.replies.encode())
+        self.placed: dict[str, Placed] = {}
+        self.open: dict[int, BatchBuilder] = {}  # partition -> the batch still taking records
+        self.queue: list[tuple[int, BatchBuilder]] = []  # batches not handed over yet, in the order opened
+        self.wake = asyncio.Event()  # set while the queue has batches or the flusher is handing some over
+        self.pending: list[asyncio.Future] = []  # the batches' deliveries
 
     async def start(self) -> None:
         await self.producer.start()
         await self.consumer.start()
+        self.partitions = sorted(await self.producer.partitions_for(self.settings.topics.commands))
         parts = [TopicPartition(self.settings.topics.replies, p) for p in range(self.settings.partitions)]
         self.consumer.assign(parts)
         await self.consumer.seek_to_end(*parts)
         for tp in parts:
             await self.consumer.position(tp)
         self.reader = asyncio.create_task(self._read())
+        self.flusher = asyncio.create_task(self._flush())
 
     async def stop(self) -> None:
-        self.reader.cancel()
-        await asyncio.gather(self.reader, return_exceptions=True)
+        for task in (self.reader, self.flusher):
+            task.cancel()
+        await asyncio.gather(self.reader, self.flusher, return_exceptions=True)
         await self.producer.stop()
         await self.consumer.stop()
 
-    async def send(self, command: dict, tag: str = "") -> None:
-        correlation_id = command["id"] + tag
-        self.run.sent_at[correlation_id] = time.monotonic()
-        self.run.commands[correlation_id] = command
-        self.run.waiting += 1
-        value = json.dumps(command, separators=(",", ":")).encode()
-        headers = [("reply_to", self.settings.topics.replies.encode()), ("correlation_id", correlation_id.encode())]
+    def place(self, wallet: str) -> Placed:
+        """Murmur2 in pure Python costs microseconds: each wallet is placed once."""
+        placed = self.placed.get(wallet)
+        if placed is None:
+            key = wallet.encode()
+            placed = self.placed[wallet] = key, DefaultPartitioner()(key, self.partitions, self.partitions)
+        return placed
+
+    def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float, reserve_id: bytes | None = None) -> None:
+        """Adds a command to its partition's batch; `reserve_id`, on a reserve or its retry, asks for
+        `on_reserved` once it is answered."""
+        self.run.sent_at[correlation_id] = now
+        if reserve_id is not None:
+            self.run.holds[correlation_id] = wallet, reserve_id
+        key, partition = wallet
+        headers = [self.reply_to, ("correlation_id", correlation_id)]
         if self.key is not None:
             headers.append(auth_header(self.key[0], self.key[1], value))
-        self.pending.append(await self.producer.send(
-            self.settings.topics.commands, value, key=command["wallet"].encode(), headers=headers))  # fmt: skip
-        if len(self.pending) > 10_000:
-            await asyncio.gather(*self.pending)
-            self.pending.clear()
+        batch = self.open.get(partition)
+        if batch is not None and batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+            return
+        batch = self.open[partition] = self.producer.create_batch()  # the first of this partition, or the last one is full
+        batch.append(timestamp=None, key=key, value=value, headers=headers)
+        self.queue.append((partition, batch))
+        self.wake.set()
+
+    async def flushed(self) -> None:
+        """Until every command sent so far is handed to the producer and acknowledged."""
+        while self.wake.is_set():
+            if self.flusher.done():
+                self.flusher.result()  # raises what stopped it
+            await asyncio.sleep(TICK_S)
+        await asyncio.gather(*self.pending)
+        self.pending.clear()
+
+    async def _flush(self) -> None:
+        topic = self.settings.topics.commands
+        while True:
+            await self.wake.wait()
+            while self.queue:
+                queue, self.queue, self.open = self.queue, [], {}
+                for partition, batch in queue:
+                    self.pending.append(await self.producer.send_batch(batch, topic, partition=partition))
+                if len(self.pending) > 10_000:
+                    await asyncio.gather(*self.pending)
+                    self.pending.clear()
+            self.wake.clear()
 
     async def _read(self) -> None:
+        """Per reply: its correlation id, found among the headers without a dict, and its send time.
+        Only a reserve's reply is decoded: the hold it opened is what comes next."""
+        run = self.run
         while True:
-            for records in (await self.consumer.getmany(timeout_ms=50, max_records=10_000)).values():
-                now = time.monotonic()
+            fetched = await self.consumer.getmany(timeout_ms=50, max_records=10_000)
+            now = time.monotonic()
+            latencies_us = []
+            for records in fetched.values():
                 for record in records:
-                    correlation_id = dict(record.headers)["correlation_id"].decode()
-                    sent = self.run.sent_at.get(correlation_id)
-                    if sent is None or correlation_id in self.run.replies:
+                    for name, correlation_id in record.headers:
+                        if name == "correlation_id":
+                            break
+                    else:
                         continue
-                    reply = json.loads(record.value)
-                    self.run.replies[correlation_id] = reply
-                    self.run.waiting -= 1
-                    latency_us = max(int((now - sent) * 1_000_000), 1)
-                    self.run.histogram.record_value(min(latency_us, LATENCY_MAX_US))
-                    second = self.run.timeline.setdefault(int(now - self.run.started), [0, 0])
-                    second[0] += 1
-                    second[1] += latency_us
-                    self.on_reply(self.run.commands[correlation_id], reply)
+                    sent = run.sent_at.pop(correlation_id, None)
+                    if sent is None:
+                        continue  # answered already (a reply published again), or not this run's
+                    latencies_us.append(max(int((now - sent) * 1_000_000), 1))
+                    reserve = run.holds.pop(correlation_id, None)
+                    if reserve is not None:
+                        self.on_reserved(*reserve, json.loads(record.value), now)
+            if latencies_us:
+                run.record(latencies_us, now)
 
 
 async def fund(client: Client, wallets: list[str], hot_funds: int) -> None:
-    for i, wallet in enumerate(wallets):
-        await client.send({"v": 1, "op": "open", "id": "open", "wallet": wallet}, tag=f"-{wallet}")
-        amount = hot_funds if i == 0 else FUNDS
-        await client.send({"v": 1, "op": "credit", "id": "fund", "wallet": wallet, "amount": amount}, tag=f"-{wallet}")
+    now = time.monotonic()
+    for i, name in enumerate(wallets):
+        wallet = client.place(name)
+        key = wallet[0]
+        client.send(wallet, OPEN % key, b"open-" + key, now)
+        client.send(wallet, CREDIT % (key, hot_funds if i == 0 else FUNDS), b"fund-" + key, now)
     await drain(client, DRAIN_TIMEOUT_S)
 
 
 async def drain(client: Client, timeout_s: float) -> None:
-    await asyncio.gather(*client.pending)
-    client.pending.clear()
+    await client.flushed()
     deadline = time.monotonic() + timeout_s
-    while client.run.waiting > 0 and time.monotonic() < deadline:
+    while client.run.sent_at and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
 
 
 async def offer(client: Client, args, wallets: list[str], rng: random.Random) -> int:
-    """Send at the offered rate for the run's length; return the number of commands sent."""
+    """Send at the offered rate for the run's length; return the number of commands sent. Each tick
+    sends the commands whose time has come, stamped with the tick's time."""
     choose = pick(args.distribution, len(wallets), rng)
-    history: list[dict] = []
+    placed = [client.place(wallet) for wallet in wallets]
+    history: list[tuple[Placed, bytes, bytes, bool]] = []  # wallet, value, id, whether a reserve
     sent = 0
     started = time.monotonic()
-    while (elapsed := time.monotonic() - started) < args.seconds:
+    while (elapsed := (now := time.monotonic()) - started) < args.seconds:
         due = int(elapsed * args.rate) - sent
         for _ in range(due):
             sent += 1
             kind = rng.random()
             if kind < args.retry_share and history:
-                await client.send(rng.choice(history), tag=f"-r{sent}")  # the same command, again
+                wallet, value, command_id, reserve = rng.choice(history)  # the same command, again
+                client.send(wallet, value, b"%s-r%d" % (command_id, sent), now, command_id if reserve else None)
                 continue
-            wallet = wallets[choose()]
-            op = "reserve" if kind < args.retry_share + args.hold_share else "charge"
-            command = {"v": 1, "op": op, "id": f"{op[0]}{sent}", "wallet": wallet, "amount": rng.randint(1, AMOUNT_MAX)}
-            await client.send(command)
+            wallet = placed[choose()]
+            reserve = kind < args.retry_share + args.hold_share
+            command_id = b"%s%d" % (b"r" if reserve else b"c", sent)
+            value = (RESERVE if reserve else CHARGE) % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
+            client.send(wallet, value, command_id, now, command_id if reserve else None)
             if len(history) < 10_000:
-                history.append(command)
+                history.append((wallet, value, command_id, reserve))
         await asyncio.sleep(TICK_S)
     return sent
 
 
 def close_holds(client: Client, rng: random.Random):
-    def on_reply(command: dict, reply: dict) -> None:
-        if command["op"] == "reserve" and reply["ok"] and not reply["duplicate"]:
-            op = "capture" if rng.random() < 0.8 else "release"
-            follow = {"v": 1, "op": op, "id": f"{op[0]}-{command['id']}", "wallet": command["wallet"],
-                      "hold": reply["hold"]}  # fmt: skip
-            if op == "capture":
-                follow["amount"] = rng.randint(0, reply["amount"])
-            asyncio.get_running_loop().create_task(client.send(follow))
-    return on_reply
+    def on_reserved(wallet: Placed, reserve_id: bytes, reply: dict, now: float) -> None:
+        if reply["ok"] and not reply["duplicate"]:
+            hold = reply["hold"].encode()
+            if rng.random() < 0.8:
+                capture_id = b"c-" + reserve_id
+                client.send(wallet, CAPTURE % (capture_id, wallet[0], hold, rng.randint(0, reply["amount"])), capture_id, now)
+            else:
+                release_id = b"r-" + reserve_id
+                client.send(wallet, RELEASE % (release_id, wallet[0], hold), release_id, now)
+    return on_reserved
 
 
 async def check(settings: config.Settings, run: Run) -> dict:
@@ -285,7 +373,7 @@ async def check(settings: config.Settings, run: Run) -> dict:
             "AND op IN ('credit', 'charge', 'capture'))")  # fmt: skip
     finally:
         await connection.close()
-    unanswered = sum(1 for c in run.sent_at if c not in run.replies)
+    unanswered = len(run.sent_at)
     return {"wallets_below_floor": below, "ids_with_two_decisions": repeated, "wallets_off_their_books": books,
             "sends_without_reply": unanswered,
             "ok": below == 0 and repeated == 0 and books == 0 and unanswered == 0}  # fmt: skip
@@ -306,8 +394,8 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         await fund(client, wallets, hot_funds=args.rate * args.seconds * AMOUNT_MAX // 4)
         run.histogram.reset()
         run.timeline.clear()
-        funded = len(run.replies)
-        client.on_reply = close_holds(client, rng)
+        funded = run.answered
+        client.on_reserved = close_holds(client, rng)
         # Every send and reply is kept until the end: the collector would walk them all again and
         # again, stalling the generator. Nothing here is cyclic garbage worth collecting mid-run.
         gc.collect()
@@ -315,11 +403,13 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         gc.disable()
         run.started = time.monotonic()
         cpu_before = cpu_seconds([worker.pid for worker in workers])
+        generator_before = time.process_time()
         watcher = asyncio.create_task(on_offer([worker.pid for worker in workers])) if on_offer else None
         sent = await offer(client, args, wallets, rng)
         offered_s = time.monotonic() - run.started
         await drain(client, DRAIN_TIMEOUT_S)
         answered_s = time.monotonic() - run.started
+        generator_s = time.process_time() - generator_before
         cpu_after = cpu_seconds([worker.pid for worker in workers])
         if watcher is not None:
             await watcher
@@ -336,7 +426,7 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
         await delete_topics(current.kafka_bootstrap, settings.topics)
-    answered = len(run.replies) - funded
+    answered = run.answered - funded
     h = run.histogram
     return {
         "distribution": args.distribution, "wallets": args.wallets, "workers": args.workers,
@@ -348,33 +438,52 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         "checks": checks, "worker_resident_mib": resident_mib,
         # Cores each part kept busy on average while commands were offered and answered.
         "cores_busy": {part: round((cpu_after[part] - cpu_before[part]) / answered_s, 2) for part in cpu_after},
+        # This process's CPU over the same window, per command answered (process_time: finer than /proc's ticks).
+        "generator_cpu_us_per_command": round(generator_s * 1_000_000 / answered, 1) if answered else None,
     }  # fmt: skip
 
 
 def cpu_seconds(worker_pids: list[int]) -> dict[str, float]:
     """CPU time so far of the worker processes, this load generator, the broker and the database."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    parts = {"worker": 0.0, "load generator": 0.0, "kafka": 0.0, "postgresql": 0.0}
+    return cpu_of(parts_of(worker_pids))
+
+
+def parts_of(worker_pids: list[int]) -> dict[str, list[int]]:
+    """The processes of each part, as they are now (a walk over /proc: call it outside timed loops)."""
+    parts: dict[str, list[int]] = {"worker": [], "load generator": [os.getpid()], "kafka": [], "postgresql": []}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        pid = int(entry.name)
         try:
             stat = (entry / "stat").read_text()
             command = (entry / "cmdline").read_bytes()
         except OSError:
             continue  # gone meanwhile
-        fields = stat[stat.rindex(")") + 2:].split()
-        used = (int(fields[11]) + int(fields[12])) / ticks  # utime + stime
-        pid = int(entry.name)
         if pid in worker_pids:
-            parts["worker"] += used
-        elif pid == os.getpid():
-            parts["load generator"] += used
+            parts["worker"].append(pid)
         elif b"kafka.Kafka" in command:
-            parts["kafka"] += used
+            parts["kafka"].append(pid)
         elif stat.split()[1] == "(postgres)":
-            parts["postgresql"] += used
+            parts["postgresql"].append(pid)
     return parts
+
+
+def cpu_of(parts: dict[str, list[int]]) -> dict[str, float]:
+    """CPU time (user + system) so far of each part's processes; one that is gone counts nothing."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    used = {}
+    for part, pids in parts.items():
+        total = 0
+        for pid in pids:
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])
+        used[part] = total / ticks
+    return used
 
 
 def resident_size_mib(pid: int) -> float | None:

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT, wait_until_serving, worker_env
 from tests.harness import Replies, books, events, send_all
 from worker.core.model import Parsed, Record
-from worker.core.outgoing import outgoing
+from worker.core.outgoing import rendered
 from worker.core.parse import parse
 from worker.store.queries import QUERIES
 from worker.store.store import Fenced, PartitionBatch, Store
@@ -63,7 +63,7 @@ async def test_a_stale_owner_can_neither_apply_nor_advance(settings):
             return [parse(Record(0, offset, 1_000, b"w", value, ()), ())]
 
         def render(decision):
-            return outgoing(decision, settings.topics.events, settings.topics.dlq, topic)
+            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
 
         committed = await store.apply_batch(topic, 0, 0, batch(0, "o1"), render)  # the new owner
         assert committed.next_offset == 1
@@ -89,7 +89,7 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
             return parse(Record(partition, offset, 1_000, wallet.encode(), value, ()), ())
 
         def render(decision):
-            return outgoing(decision, settings.topics.events, settings.topics.dlq, topic)
+            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
 
         await store.apply_batch(topic, 1, 0, [opening(1, 0, "b0")], render)  # partition 1 moved on
         outcome = await store.apply_batches(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
@@ -97,7 +97,7 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
         assert isinstance(outcome[1], Fenced) and outcome[1].stored_offset == 1
         committed = outcome[0]
         assert committed.next_offset == 2 and [d.reply["wallet"] for d in committed.decisions] == ["a0", "a1"]
-        assert len(committed.outbox) == 2  # the two events of partition 0, nothing of the fenced one
+        assert len(committed.outbox.records) == 2  # the two events of partition 0, nothing of the fenced one
         assert await store.claim(topic, 0) == 2 and await store.claim(topic, 1) == 1
     finally:
         await store.close()

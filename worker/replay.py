@@ -22,6 +22,7 @@ from worker.adapter.processor import record_of
 from worker.adapter.streams import read_to_end, topic_partitions
 from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCredentials, Misconfigured, Topics
 from worker.core.auth import master_check
+from worker.core.outgoing import encode
 from worker.core.parse import parse
 from worker.store import books
 from worker.store.migrate import migrate
@@ -112,8 +113,9 @@ async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[
     return Replayed(done[0], seconds, ends)
 
 
-def _nothing(decision) -> list:
-    return []  # a replay publishes nothing: every reply and event went out the first time
+def _nothing(decision) -> tuple[bytes, list]:
+    # A replay publishes nothing (every reply and event went out the first time); it stores the reply.
+    return encode(decision.reply), []
 
 
 async def verify(source_url: str, target_url: str, topics: Topics, ends: dict[int, int]) -> str | None:

@@ -43,6 +43,7 @@ SESSION_TIMEOUT_MS = 10_000
 GRACEFUL_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 45  # from the start of the lifespan's teardown to a forced exit
 PRODUCER_REQUEST_TIMEOUT_MS = 30_000
+PRODUCE_BATCH_BYTES_MAX = 512 * 1024
 
 log = logging.getLogger("floorguard.worker")
 
@@ -55,6 +56,9 @@ def build_app(settings: Settings) -> FastStream:
         client_id="floorguard-worker",
         acks="all",  # a reply promises a decision; its record must survive a broker's crash
         enable_idempotence=True,
+        # A partition's replies or events of a batch go as one produce batch (publisher.py): up
+        # to this many bytes each, within the broker's default message.max.bytes (1 MiB).
+        max_batch_size=PRODUCE_BATCH_BYTES_MAX,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
         graceful_timeout=GRACEFUL_TIMEOUT_S,
         security=_security(settings.kafka_credentials),

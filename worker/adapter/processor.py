@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -22,10 +22,10 @@ from worker import failpoints
 from worker.adapter import metrics
 from worker.config import Topics
 from worker.core.model import Parsed, Record
-from worker.core.outgoing import Outgoing, outgoing
+from worker.core.outgoing import Outgoing, rendered
 from worker.core.parse import parse
 from worker.adapter.publisher import Publisher, Undeliverable
-from worker.store.store import TRANSIENT_ERRORS, Committed, Fenced, PartitionBatch, Store
+from worker.store.store import TRANSIENT_ERRORS, Committed, Fenced, Outbox, PartitionBatch, Store
 from worker.sweeper import BrokerClock
 
 # A light fetch is written in one transaction over all its partitions: one flush, few round trips,
@@ -70,8 +70,8 @@ class Processor:
     def _store(self) -> Store:
         return self._store_of()
 
-    def render(self, decision) -> list[Outgoing]:
-        return outgoing(decision, self._topics.events, self._topics.dlq, self._topics.commands)
+    def render(self, decision) -> tuple[bytes, list[Outgoing]]:
+        return rendered(decision, self._topics.events, self._topics.dlq, self._topics.commands)
 
     # --- rebalance ------------------------------------------------------------------------------
 
@@ -116,9 +116,10 @@ class Processor:
         try:
             pending = await self._store.pending_outbox(self._topics.commands, partition)
             if pending:
-                log.info("partition %d: publishing %d records left in the outbox", partition, len(pending))
-                await self._publisher.publish([record for _, record in pending])
-                await self._store.delete_outbox([position for position, _ in pending])
+                records = [record for outbox in pending for record in outbox.records]
+                log.info("partition %d: publishing %d records left in the outbox", partition, len(records))
+                await self._publisher.publish(records)
+                await self._store.delete_outbox([outbox.position for outbox in pending])
         except INFRA_ERRORS as error:
             log.warning("partition %d: outbox not published yet (%r)", partition, error)
             return
@@ -237,7 +238,7 @@ class Processor:
             if partition in self._seen and consumer is not None:
                 self._seek(consumer, partition, self._seen[partition])
 
-    async def _publish_after(self, partition: int, outbox: list[tuple[int, Outgoing]]) -> None:
+    async def _publish_after(self, partition: int, outbox: Outbox | None) -> None:
         """Publishing overlaps the next batch's transaction: at most one batch of a partition is in
         flight to the broker, so replies keep their partition's order batch by batch."""
         previous = self._inflight.get(partition)
@@ -262,24 +263,25 @@ class Processor:
             consumer.seek(TopicPartition(self._topics.commands, partition), seen)
         return True
 
-    async def _publish(self, partition: int, outbox: list[tuple[int, Outgoing]]) -> None:
-        """After the commit. A failure loses nothing: the rows stay in the outbox until published."""
-        if not outbox:
+    async def _publish(self, partition: int, outbox: Outbox | None) -> None:
+        """After the commit. A failure loses nothing: the row stays in the outbox until published."""
+        if outbox is None:
             if partition not in self._applying:
                 await self._tidy(partition)
             return
-        metrics.OUTBOX_BACKLOG.inc(len(outbox))
+        count = len(outbox.records)
+        metrics.OUTBOX_BACKLOG.inc(count)
         try:
             began_s = time.monotonic()
-            await self._publisher.publish([record for _, record in outbox])
+            await self._publisher.publish(outbox.records)
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
-            # Until deleted, a crash only means the rows are published again (at least once).
-            self._published.setdefault(partition, []).extend(position for position, _ in outbox)
+            # Until deleted, a crash only means the row is published again (at least once).
+            self._published.setdefault(partition, []).append(outbox.position)
         except INFRA_ERRORS as error:
-            log.warning("partition %d: publishing %d records failed (%r)", partition, len(outbox), error)
+            log.warning("partition %d: publishing %d records failed (%r)", partition, count, error)
             self._unpublished.add(partition)
         finally:
-            metrics.OUTBOX_BACKLOG.dec(len(outbox))
+            metrics.OUTBOX_BACKLOG.dec(count)
         if partition not in self._applying:
             await self._tidy(partition)
 
@@ -403,8 +405,9 @@ def _stop_if_failed(probe: asyncio.Task[None]) -> None:
 
 
 def _count(decisions) -> None:
-    for decision in decisions:
-        metrics.DECISIONS.labels(str(decision.reply["op"]), str(decision.reply["status"])).inc()
+    """Decisions by op and status: counted first, so that a batch touches each label once."""
+    for (op, status), count in Counter((d.reply["op"], d.reply["status"]) for d in decisions).items():
+        metrics.DECISIONS.labels(str(op), str(status)).inc(count)
 
 
 def record_of(raw: ConsumerRecord) -> Record:

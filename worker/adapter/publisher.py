@@ -1,25 +1,30 @@
 """Publishes outbox records after their commit: at least once, never lost.
 
-FastStream's `publish` takes a body to encode and headers as text; the outbox holds finished
-records (exact bytes, binary headers of a dead letter), so they go through the aiokafka
-producer that FastStream's broker owns and has already connected.
+FastStream's `publish` takes a body to encode and headers as text, and costs about 40 µs a
+record; the outbox holds finished records (exact bytes, binary headers of a dead letter), so they
+go through the aiokafka producer that FastStream's broker owns and has already connected, a
+produce batch per topic partition (`create_batch`/`send_batch`: about 2 µs a record, where
+`send` per record takes 5 to 7).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
 
 from worker.core.outgoing import Outgoing
 
 SEND_TIMEOUT_S = 30
 TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions (or its absence) are taken as known
 TOPIC_CACHE_SIZE_MAX = 10_000
+PLACEMENTS_CACHED_MAX = 1_000_000  # (key, partition count) -> partition; murmur2 is pure Python in aiokafka
 LOG_INTERVAL_S = 10.0  # a sender's bad reply addresses are logged once per interval, not per record
 log = logging.getLogger("floorguard.publisher")
 
@@ -51,6 +56,7 @@ class Publisher:
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
+        self._placements: dict[tuple[bytes, int], int] = {}
         self._placed_by_key = _Sparse()
         self._dead_lettered = _Sparse()
 
@@ -64,18 +70,41 @@ class Publisher:
         A reply whose topic or partition does not exist goes to the dead-letter topic instead,
         with the reason; any other failure raises, and the caller keeps the records to retry.
         """
-        checked = [await self._deliverable(record) for record in records]
-        futures = [await self._send(record) for record in checked]
+        batches: dict[tuple[str, int], list[Outgoing]] = {}
+        known: dict[str, int] = {}  # topic -> partition count, for topics whose every record is deliverable
+        for record in records:
+            count = known.get(record.topic)
+            if count is None or record.partition is not None:
+                record = await self._deliverable(record)
+                count = len(await self._partitions(record.topic))
+                if record.partition is None:
+                    known[record.topic] = count
+            partition = record.partition if record.partition is not None else self._place(record.key, count)
+            batches.setdefault((record.topic, partition), []).append(record)
+        producer = self._producer
+        futures = []
+        for (topic, partition), batch in batches.items():
+            builder = producer.create_batch()
+            for record in batch:
+                headers = list(record.headers)  # the batch builder takes a list, nothing else
+                if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
+                    futures.append(await producer.send_batch(builder, topic, partition=partition))  # full: the next
+                    builder = producer.create_batch()
+                    if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
+                        raise Undeliverable(f"a record of {len(record.value)} bytes exceeds a produce batch")
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
         await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
 
-    async def _send(self, record: Outgoing) -> asyncio.Future:
-        return await self._producer.send(
-            record.topic,
-            value=record.value,
-            key=record.key,
-            partition=record.partition,
-            headers=list(record.headers),
-        )
+    def _place(self, key: bytes | None, count: int) -> int:
+        """The partition Kafka's default partitioner picks for the key, as every client does."""
+        if key is None:
+            return random.randrange(count)
+        placed = self._placements.get((key, count))
+        if placed is None:
+            if len(self._placements) >= PLACEMENTS_CACHED_MAX:
+                self._placements.clear()
+            placed = self._placements[(key, count)] = (murmur2(key) & 0x7FFFFFFF) % count
+        return placed
 
     async def _deliverable(self, record: Outgoing) -> Outgoing:
         try:

@@ -1,4 +1,9 @@
-"""The nouns the core decides over. Plain frozen dataclasses: no I/O, no framework."""
+"""The nouns the core decides over: no I/O, no framework.
+
+The ones made per record (a command, its decision, the wallet after it) are frozen msgspec
+`Struct`s: immutable like frozen dataclasses, and made in a tenth of the time (about 0.1 µs
+against 1 µs for a frozen dataclass of six fields), which matters at tens of thousands a second.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from msgspec import Struct
 
 from worker.core.codes import ErrorCode, Op
 
@@ -15,8 +22,7 @@ if TYPE_CHECKING:
 Reply = dict[str, Any]  # one reply object exactly as it goes on the wire (before JSON encoding)
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
+class Record(Struct, frozen=True, gc=False):
     """A command record as the broker delivered it. `timestamp_ms` is the broker's LogAppendTime."""
 
     partition: int
@@ -27,8 +33,7 @@ class Record:
     headers: tuple[tuple[str, bytes], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class ReplyAddress:
+class ReplyAddress(Struct, frozen=True, gc=False):
     topic: str
     correlation_id: str
     partition: int | None = None
@@ -37,8 +42,7 @@ class ReplyAddress:
 TTL_DEFAULT_MS = 300_000
 
 
-@dataclass(frozen=True, slots=True)
-class Usage:
+class Usage(Struct, frozen=True, gc=False):
     """Tokens a model call used (or is estimated to use), priced by the price table."""
 
     model: str
@@ -46,8 +50,7 @@ class Usage:
     output_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class Command:
+class Command(Struct, frozen=True, gc=False):
     """A well-formed command. Fields an op does not take are None."""
 
     op: Op
@@ -79,12 +82,36 @@ class Command:
         return request
 
     def fingerprint(self) -> str:
+        """sha256 of `request()` as canonical JSON (sorted keys, no spaces, ASCII), written out by
+        hand: five times cheaper than `json.dumps(..., sort_keys=True)`, and equal to it (a test
+        holds the two together). Ids, wallets and holds match the id pattern, so need no escaping."""
+        op = self.op
+        parts = []
+        if self.amount is not None:
+            parts.append(f'"amount":{self.amount}')
+        if op is Op.OPEN:
+            parts.append(f'"floor":{self.floor if self.floor is not None else 0}')
+        if self.hold is not None:
+            parts.append(f'"hold":"{self.hold}"')
+        parts.append(f'"id":"{self.id}","op":"{op.value}"')
+        if op is Op.RESERVE:
+            parts.append(f'"ttl_ms":{self.ttl_ms if self.ttl_ms is not None else TTL_DEFAULT_MS}')
+        elif self.ttl_ms is not None:
+            parts.append(f'"ttl_ms":{self.ttl_ms}')
+        usage = self.usage
+        if usage is not None:
+            parts.append(f'"usage":{{"input_tokens":{usage.input_tokens},"model":{json.dumps(usage.model)},'
+                         f'"output_tokens":{usage.output_tokens}}}')  # fmt: skip
+        parts.append(f'"v":1,"wallet":"{self.wallet}"')
+        return hashlib.sha256(("{" + ",".join(parts) + "}").encode()).hexdigest()
+
+    def canonical_fingerprint(self) -> str:
+        """The definition `fingerprint` implements: kept for the test that holds them together."""
         canonical = json.dumps(self.request(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-@dataclass(frozen=True, slots=True)
-class Invalid:
+class Invalid(Struct, frozen=True, gc=False):
     """A record the contract refuses with 422. `field` names what is wrong (D3 in docs/contract.md).
 
     `id`, `wallet` and `op` keep whatever of the record could be read and passed its own check,
@@ -103,8 +130,7 @@ class Invalid:
         return f"{self.field}: {self.problem}"
 
 
-@dataclass(frozen=True, slots=True)
-class Parsed:
+class Parsed(Struct, frozen=True, gc=False):
     """What `parse` makes of a record: a command or a 422, and where its reply goes.
 
     `dead_letter_reason` is set when the record is a 422 that has no usable reply address:
@@ -118,8 +144,7 @@ class Parsed:
     credentials: Credentials | str = "missing"  # the `auth` header read, or what is wrong with it
 
 
-@dataclass(frozen=True, slots=True)
-class Wallet:
+class Wallet(Struct, frozen=True, gc=False):
     wallet: str
     balance: int
     reserved: int
@@ -132,8 +157,7 @@ class Wallet:
         return self.balance - self.reserved - self.floor
 
 
-@dataclass(frozen=True, slots=True)
-class Hold:
+class Hold(Struct, frozen=True, gc=False):
     """Money set aside by a `reserve`, named by that command's id within its wallet."""
 
     wallet: str
@@ -144,8 +168,7 @@ class Hold:
     partition: int
 
 
-@dataclass(frozen=True, slots=True)
-class Price:
+class Price(Struct, frozen=True, gc=False):
     """One row of the price table: per million tokens, in the wallet's unit, from a time on."""
 
     model: str
@@ -154,16 +177,14 @@ class Price:
     output_price: int
 
 
-@dataclass(frozen=True, slots=True)
-class StoredDecision:
+class StoredDecision(Struct, frozen=True, gc=False):
     """What the idempotency check needs of a decision made earlier under the same (wallet, id)."""
 
     fingerprint: str
     reply: Reply
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(Struct, frozen=True, gc=False):
     """The outcome of one record.
 
     `stored` is true for a new decision with a seq: it is written, published as an event, and

@@ -2,16 +2,25 @@
 
 Strict on purpose: floats, exponents, booleans, strings and null are not money; unknown fields,
 duplicate keys and out-of-range numbers are refused, so that a typo never passes silently.
+
+Two paths, one answer. `parse` first tries the common case: a well-formed command, decoded by
+msgspec into a typed structure while it is validated (about 2 µs a record, where the thorough
+path takes 25). Anything that path does not accept outright, it hands to `parse_thorough`, which
+finds the field to name in the 422. A test holds the two together on every record the fuzzer
+makes: the fast path only ever answers what the thorough one would.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from worker.core.auth import credentials
+from msgspec import UNSET, DecodeError, Struct, UnsetType
+from msgspec.json import Decoder
+
+from worker.core.auth import AUTH_HEADER, credentials
 from worker.core.codes import SAFE_INTEGER_MAX, Op
 from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress, Usage
 
@@ -58,8 +67,14 @@ class _Malformed(Exception):
         self.problem = problem
 
 
-def parse(record: Record, forbidden_reply_topics: Iterable[str]) -> Parsed:
+def parse(record: Record, forbidden_reply_topics: Collection[str]) -> Parsed:
     """Parse one record. Never raises for bad input: every problem becomes an `Invalid`."""
+    parsed = _well_formed(record, forbidden_reply_topics)
+    return parsed if parsed is not None else parse_thorough(record, forbidden_reply_topics)
+
+
+def parse_thorough(record: Record, forbidden_reply_topics: Iterable[str]) -> Parsed:
+    """Parse one record field by field, naming what is wrong. Never raises for bad input."""
     reply_address, address_problem = _reply_address(record, frozenset(forbidden_reply_topics))
     command = _command(record)
     signed = credentials(record)
@@ -76,6 +91,164 @@ def _as_invalid(command: Command | Invalid, fallback: Invalid) -> Invalid:
     if isinstance(command, Invalid):
         return command
     return Invalid(fallback.field, fallback.problem, command.id, command.wallet, command.op.value)
+
+
+# --- the common case ----------------------------------------------------------------------------
+
+
+class _WireUsage(Struct, forbid_unknown_fields=True):
+    model: str
+    input_tokens: int
+    output_tokens: int
+
+
+class _Wire(Struct, forbid_unknown_fields=True):
+    """A command as msgspec decodes it: strict types (no bool for an int, no float, no null), no
+    unknown field. An absent optional field is UNSET, so that absent and null stay apart."""
+
+    v: int
+    op: str
+    id: str
+    wallet: str
+    amount: int | UnsetType = UNSET
+    usage: _WireUsage | UnsetType = UNSET
+    floor: int | UnsetType = UNSET
+    hold: str | UnsetType = UNSET
+    ttl_ms: int | UnsetType = UNSET
+    memo: str | UnsetType = UNSET
+
+
+_decode_wire = Decoder(_Wire).decode
+_OPS = {op.value: op for op in Op}
+_OP_TAKES = {op: frozenset(fields) for op, fields in OP_FIELDS.items()}
+_OP_REQUIRES = {op: frozenset(name for name, required in fields.items() if required) for op, fields in OP_FIELDS.items()}
+_NAMES_CACHED_MAX = 100_000
+_good_wallets: set[str] = set()  # wallet names already found to match the id pattern
+_good_topics: set[str] = set()  # reply topics already found to be legal topic names
+_good_id = ID_PATTERN.fullmatch
+_QUOTE = ord('"')
+
+
+def _well_formed(record: Record, forbidden: Collection[str]) -> Parsed | None:
+    """The record as a `Parsed` when it is a well-formed command with a usable (or no) reply
+    address; None whenever anything is unusual, for `parse_thorough` to decide."""
+    value = record.value
+    if value is None or len(value) > VALUE_SIZE_MAX_BYTES or b"\\" in value:
+        return None  # with no escapes, every '"' in the value opens or closes a string (below)
+    reply_to = correlation = None
+    signed: Any = "missing"
+    for name, header in record.headers:
+        if name == "reply_to":
+            if reply_to is not None:
+                return None
+            reply_to = header
+        elif name == "correlation_id":
+            if correlation is not None or header.__class__ is not bytes or len(header) > CORRELATION_ID_SIZE_MAX_BYTES:
+                return None
+            correlation = header
+        elif name == "reply_partition":
+            return None
+        elif name == AUTH_HEADER:
+            signed = None
+    try:
+        wire = _decode_wire(value)
+    except (DecodeError, UnicodeDecodeError):
+        return None
+    strings = 7  # JSON strings in the value: the keys v, op, id and wallet, and the values of op, id and wallet
+    op = _OPS.get(wire.op)
+    if wire.v != 1 or op is None:
+        return None
+    command_id, wallet = wire.id, wire.wallet
+    if not _good_id(command_id) or (wallet not in _good_wallets and not _remember(wallet, _good_id, _good_wallets)):
+        return None
+    if record.key != wallet.encode():
+        return None
+    amount, usage, floor, hold, ttl_ms, memo = wire.amount, wire.usage, wire.floor, wire.hold, wire.ttl_ms, wire.memo
+    given = set()
+    if amount is not UNSET:
+        given.add("amount")
+        if not (0 if op is Op.CAPTURE else 1) <= amount <= SAFE_INTEGER_MAX:
+            return None
+    if usage is not UNSET:
+        given.add("usage")
+        strings += 4  # three keys and the model
+        model = usage.model
+        if (not 1 <= len(model) <= MODEL_LENGTH_MAX_CHARS or not model.isprintable()
+                or not 0 <= usage.input_tokens <= SAFE_INTEGER_MAX or not 0 <= usage.output_tokens <= SAFE_INTEGER_MAX):  # fmt: skip
+            return None
+    if floor is not UNSET:
+        given.add("floor")
+        if not -SAFE_INTEGER_MAX <= floor <= 0:
+            return None
+    if hold is not UNSET:
+        given.add("hold")
+        strings += 1  # its value
+        if not _good_id(hold):
+            return None
+    if ttl_ms is not UNSET:
+        given.add("ttl_ms")
+        if not 1 <= ttl_ms <= TTL_MAX_MS:
+            return None
+    if memo is not UNSET:
+        strings += 2  # its key and its value
+        if len(memo) > MEMO_LENGTH_MAX_CHARS or "\x00" in memo:
+            return None
+    if not given <= _OP_TAKES[op] or not _OP_REQUIRES[op] <= given:
+        return None
+    if op is Op.EXPIRE:
+        if command_id != f"expire:{hold}":
+            return None
+    elif command_id.startswith("expire:"):
+        return None
+    if amount is not UNSET and usage is not UNSET:
+        return None
+    if op in (Op.CHARGE, Op.RESERVE) and amount is UNSET and usage is UNSET:
+        return None
+    # A key given twice leaves one field but two keys in the text: count every string's quotes.
+    if value.count(_QUOTE) != 2 * (strings + len(given)):
+        return None
+    address = None
+    if reply_to is not None:
+        topic = _reply_topic(reply_to, forbidden)
+        if topic is None:
+            return None
+        try:
+            correlation_id = correlation.decode() if correlation is not None else ""
+        except UnicodeDecodeError:
+            return None
+        address = ReplyAddress(topic, correlation_id, None)
+    if signed is None:
+        signed = credentials(record)
+    command = Command(op, command_id, wallet, None if amount is UNSET else amount,
+                      None if usage is UNSET else Usage(usage.model, usage.input_tokens, usage.output_tokens),
+                      None if floor is UNSET else floor, None if hold is UNSET else hold,
+                      None if ttl_ms is UNSET else ttl_ms, None if memo is UNSET else memo)  # fmt: skip
+    return Parsed(record, command, address, None, signed)
+
+
+def _reply_topic(raw: bytes, forbidden: Collection[str]) -> str | None:
+    if raw.__class__ is not bytes:
+        return None
+    try:
+        topic = raw.decode()
+    except UnicodeDecodeError:
+        return None
+    if topic in forbidden or topic in (".", ".."):
+        return None
+    if topic in _good_topics or _remember(topic, TOPIC_NAME_PATTERN.fullmatch, _good_topics):
+        return topic
+    return None
+
+
+def _remember(name: str, matches: Callable[[str], object], good: set[str]) -> bool:
+    """Whether the name matches its pattern; a good one is remembered, so that a name seen again
+    (a busy wallet, the one reply topic of an agent) costs a set lookup, not a regex."""
+    if not matches(name):
+        return False
+    if len(good) >= _NAMES_CACHED_MAX:
+        good.clear()
+    good.add(name)
+    return True
 
 
 # --- headers --------------------------------------------------------------------------------

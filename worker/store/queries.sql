@@ -57,15 +57,12 @@ SELECT * FROM unnest(
 );
 
 -- name: insert_outbox
-INSERT INTO outbox (source_topic, source_partition, topic, partition, key, value, headers)
-SELECT $1, source_partition, topic, partition, key, value, headers
-FROM unnest($2::integer[], $3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
-    WITH ORDINALITY AS o (source_partition, topic, partition, key, value, headers, n)
-ORDER BY n
+INSERT INTO outbox (source_topic, source_partition, topics, partitions, keys, "values", headers)
+VALUES ($1, $2, $3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
 RETURNING position;
 
 -- name: outbox_of_partition
-SELECT position, topic, partition, key, value, headers
+SELECT position, topics, partitions, keys, "values", headers
 FROM outbox WHERE source_topic = $1 AND source_partition = $2
 ORDER BY position;
 

@@ -13,6 +13,10 @@ from worker.core.decide import decide_batch
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
 from worker.store.queries import QUERIES
+from worker.store.rows import decision_columns, outbox_columns, outbox_records
+
+# A decision's encoded reply, and the records it sends (reply or dead letter, event).
+Render = Callable[[Decision], tuple[bytes, list[Outgoing]]]
 
 POOL_SIZE_MAX = 8
 COMMAND_TIMEOUT_S = 30
@@ -60,7 +64,15 @@ class PartitionBatch:
 class Committed:
     next_offset: int
     decisions: list[Decision]
-    outbox: list[tuple[int, Outgoing]]  # (position, record) to publish, then delete
+    outbox: Outbox | None  # what the batch sends, once committed; None: nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Outbox:
+    """One outbox row: a partition's batch of records to publish, then delete by position."""
+
+    position: int
+    records: list[Outgoing]
 
 
 KEYS_CACHED_MAX = 100_000
@@ -108,7 +120,7 @@ class Store:
         partition: int,
         seen_offset: int,
         batch: Sequence[Parsed],
-        render: Callable[[Decision], list[Outgoing]],
+        render: Render,
         published: Sequence[int] = (),
     ) -> Committed:
         """Decide and store a batch of one partition in one transaction (see `apply_batches`)."""
@@ -121,7 +133,7 @@ class Store:
         self,
         topic: str,
         batches: Sequence[PartitionBatch],
-        render: Callable[[Decision], list[Outgoing]],
+        render: Render,
         published: Sequence[int] = (),
     ) -> dict[int, Committed | Fenced]:
         """Decide and store the batches of several partitions in one transaction: one flush for all.
@@ -140,7 +152,7 @@ class Store:
             if records:
                 fresh[batch.partition] = (batch.seen_offset, records)
             else:
-                outcome[batch.partition] = Committed(batch.seen_offset, [], [])
+                outcome[batch.partition] = Committed(batch.seen_offset, [], None)
         if not fresh:
             await self.delete_outbox(published)
             return outcome
@@ -173,8 +185,7 @@ class Store:
             every = [decision for decisions in decided.values() for decision in decisions]
             await self._write_wallets(connection, before, after)
             await self._write_holds(connection, [d.hold for d in every if d.stored and d.hold is not None])
-            await self._write_decisions(connection, [d for d in every if d.stored])
-            outboxes = await self._write_outbox(connection, topic, decided, render)
+            outboxes = await self._write_decisions_and_outbox(connection, topic, decided, render)
             if published:
                 await connection.execute(QUERIES["delete_outbox"], list(published))
             advanced = [(topic, partition, seen, records[-1].record.offset + 1, states[partition].clock_ms)
@@ -283,61 +294,35 @@ class Store:
             [h.partition for h in latest.values()],
         )
 
-    async def _write_decisions(self, connection: asyncpg.Connection, stored: list[Decision]) -> None:
-        if not stored:
-            return
-        columns: list[list[object]] = [[] for _ in range(15)]
-        for decision in stored:
-            reply, record, wallet = decision.reply, decision.parsed.record, decision.wallet
-            assert wallet is not None
-            row = (
-                reply["wallet"], reply["id"], reply["seq"], reply["op"], reply["status"],
-                reply["error"], reply.get("amount"), wallet.balance, wallet.reserved,
-                decision.at_ms, decision.fingerprint, decision.memo, record.partition,
-                record.offset, json.dumps(reply, separators=(",", ":"), ensure_ascii=False),
-            )  # fmt: skip
-            for column, value in zip(columns, row, strict=True):
-                column.append(value)
-        await connection.execute(QUERIES["insert_decisions"], *columns)
-
-    async def _write_outbox(
-        self,
-        connection: asyncpg.Connection,
-        topic: str,
-        decided: dict[int, list[Decision]],
-        render: Callable[[Decision], list[Outgoing]],
-    ) -> dict[int, list[tuple[int, Outgoing]]]:
-        """Each partition's records to publish, with their outbox positions, in decision order."""
-        records = [(partition, record) for partition, decisions in decided.items()
-                   for decision in decisions for record in render(decision)]  # fmt: skip
-        outboxes: dict[int, list[tuple[int, Outgoing]]] = {partition: [] for partition in decided}
-        if not records:
-            return outboxes
-        rows = await connection.fetch(
-            QUERIES["insert_outbox"],
-            topic,
-            [partition for partition, _ in records],
-            [r.topic for _, r in records],
-            [r.partition for _, r in records],
-            [r.key for _, r in records],
-            [r.value for _, r in records],
-            [encode_headers(r.headers) for _, r in records],
-        )
-        for row, (partition, record) in zip(rows, records, strict=True):
-            outboxes[partition].append((int(row["position"]), record))
+    async def _write_decisions_and_outbox(
+        self, connection: asyncpg.Connection, topic: str, decided: dict[int, list[Decision]], render: Render
+    ) -> dict[int, Outbox | None]:
+        """The stored decisions (each with its reply, encoded once) and one outbox row per partition."""
+        stored: list[Decision] = []
+        replies: list[bytes] = []
+        sends: dict[int, list[Outgoing]] = {}
+        for partition, decisions in decided.items():
+            records = sends[partition] = []
+            for decision in decisions:
+                encoded, outgoing = render(decision)
+                records += outgoing
+                if decision.stored:
+                    stored.append(decision)
+                    replies.append(encoded)
+        if stored:
+            await connection.execute(QUERIES["insert_decisions"], *decision_columns(stored, replies))
+        outboxes: dict[int, Outbox | None] = {partition: None for partition in decided}
+        for partition, records in sends.items():
+            if records:
+                position = await connection.fetchval(QUERIES["insert_outbox"], topic, partition, *outbox_columns(records))
+                outboxes[partition] = Outbox(int(position), records)
         return outboxes
 
-    async def pending_outbox(self, topic: str, partition: int) -> list[tuple[int, Outgoing]]:
-        """What an earlier owner of the partition committed but may not have published."""
+    async def pending_outbox(self, topic: str, partition: int) -> list[Outbox]:
+        """What an earlier owner of the partition committed but may not have published, in order."""
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(QUERIES["outbox_of_partition"], topic, partition)
-        return [
-            (
-                int(row["position"]),
-                Outgoing(row["topic"], row["partition"], row["key"], row["value"], decode_headers(row["headers"])),
-            )
-            for row in rows
-        ]
+        return [Outbox(int(row["position"]), outbox_records(row)) for row in rows]
 
     async def delete_outbox(self, positions: Sequence[int]) -> None:
         if positions:
@@ -395,10 +380,3 @@ def _wallets_shared(batches: dict[int, tuple[int, list[Parsed]]]) -> bool:
         seen |= names
     return False
 
-
-def encode_headers(headers: tuple[tuple[str, bytes], ...]) -> str:
-    return json.dumps([[name, value.hex()] for name, value in headers])
-
-
-def decode_headers(text: str) -> tuple[tuple[str, bytes], ...]:
-    return tuple((name, bytes.fromhex(value)) for name, value in json.loads(text))

@@ -1,0 +1,93 @@
+"""The worker's per-command Python cost, step by step, without the broker or the database.
+
+    .venv/bin/python loadtest/hotpath.py [--commands 50000] [--wallets 10000]
+
+Feeds aiokafka `ConsumerRecord`s (charges with a reply address, as the worker fetches them) through
+the same functions the worker runs per batch: from a fetched record to a parsed command, the
+decisions of a partition's batch, the records to publish, and the columns the batch's statements
+take. Prints microseconds per command for each step (best of five rounds). The database round trips
+and the produce calls are measured end to end by `loadtest/drain.py`, not here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+from aiokafka.structs import ConsumerRecord
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.adapter.processor import record_of  # noqa: E402
+from worker.core.decide import decide_batch  # noqa: E402
+from worker.core.model import PartitionState, Wallet  # noqa: E402
+from worker.core.outgoing import outgoing  # noqa: E402
+from worker.core.parse import parse  # noqa: E402
+from worker.store import columns  # noqa: E402
+
+ROUNDS = 5
+FORBIDDEN = ("fg.commands", "fg.events", "fg.dlq")
+
+
+def records(count: int, wallets: int, rng: random.Random) -> list[ConsumerRecord]:
+    out = []
+    for n in range(count):
+        wallet = f"w{rng.randrange(wallets)}"
+        value = b'{"v":1,"op":"charge","id":"c%d","wallet":"%s","amount":%d}' % (n, wallet.encode(), rng.randint(1, 1000))
+        headers = [("reply_to", b"fg.replies"), ("correlation_id", b"c%d" % n)]
+        out.append(ConsumerRecord("fg.commands", 0, n, 1_764_000_000_000 + n // 100, 1, wallet.encode(), value,
+                                  None, len(wallet), len(value), headers))  # fmt: skip
+    return out
+
+
+def best(step, rounds: int = ROUNDS) -> tuple[float, object]:
+    fastest, result = float("inf"), None
+    for _ in range(rounds):
+        began = time.perf_counter()
+        result = step()
+        fastest = min(fastest, time.perf_counter() - began)
+    return fastest, result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commands", type=int, default=50_000)
+    parser.add_argument("--wallets", type=int, default=10_000)
+    args = parser.parse_args(argv)
+    fetched = records(args.commands, args.wallets, random.Random(1))
+    funded = {f"w{i}": Wallet(f"w{i}", 10**12, 0, 0, 2, 0) for i in range(args.wallets)}
+
+    def parsing():
+        return [parse(record_of(raw), FORBIDDEN) for raw in fetched]
+
+    parse_s, parsed = best(parsing)
+
+    def deciding():
+        state = PartitionState(0, 0, dict(funded))
+        return state, decide_batch(state, parsed)
+
+    decide_s, (state, decided) = best(deciding)
+
+    def rendering():
+        return [record for decision in decided for record in outgoing(decision, "fg.events", "fg.dlq", "fg.commands")]
+
+    render_s, _ = best(rendering)
+
+    def writing():
+        return columns.decisions([d for d in decided if d.stored])
+
+    columns_s, _ = best(writing)
+    count = len(fetched)
+    steps = {"parse (record to command)": parse_s, "decide": decide_s, "render (reply and event bytes)": render_s,
+             "columns of the batch's statements": columns_s}  # fmt: skip
+    report = {name: round(seconds * 1e6 / count, 2) for name, seconds in steps.items()}
+    report["total"] = round(sum(report.values()), 2)
+    return {"commands": count, "us_per_command": report, "python": sys.version.split()[0]}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(), indent=1))
