@@ -31,6 +31,8 @@ AMOUNT_MAX = 1_000
 PRELOAD_IN_FLIGHT = 20_000
 READ_RECORDS_MAX = 20_000
 DRAIN_TIMEOUT_S = 300
+PROFILE_AFTER_S = 4  # the worker's start and its first batches, left out of the profile
+PROFILE_SECONDS = 5
 
 
 def commands(count: int, wallets: list[str], distribution: str, retry_share: float, rng: random.Random) -> list[tuple[bytes, bytes, str]]:
@@ -133,11 +135,14 @@ async def main(args) -> dict:
         await preload(settings, batch)
         preload_s = time.monotonic() - began
         (worker, _), = load.start_workers(settings, 1, log_dir)
+        spy = asyncio.create_task(profile(worker.pid, args.profile)) if args.profile else None
         try:
             seen = await watch(settings, len(batch), worker.pid)
             checks = await load.check(settings, load.Run())
             resident_mib = load.resident_size_mib(worker.pid)
         finally:
+            if spy is not None:
+                await spy
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
     finally:
@@ -162,6 +167,32 @@ async def main(args) -> dict:
     }  # fmt: skip
 
 
+async def profile(pid: int, out: str) -> None:
+    """py-spy samples the worker (without pausing it) from a moment after its start, for a few
+    seconds of the drain; `--profile` names the raw output (folded stacks, one per line)."""
+    await asyncio.sleep(PROFILE_AFTER_S)
+    spy = Path(sys.executable).parent / "py-spy"
+    process = await asyncio.create_subprocess_exec(
+        str(spy), "record", "--nonblocking", "-p", str(pid), "-d", str(PROFILE_SECONDS), "-r", "200", "-f", "raw",
+        "-o", out, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)  # fmt: skip
+    await process.wait()
+
+
+def top_frames(raw: Path, count: int = 40) -> list[tuple[float, str]]:
+    """The frames the worker's busy samples pass through most (inclusive share, %)."""
+    inclusive: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if "Condition.wait" in stack or "Event.wait" in stack:
+            continue  # idle threads
+        total += int(samples)
+        for frame in set(stack.split(";")):
+            inclusive[frame] = inclusive.get(frame, 0) + int(samples)
+    ranked = sorted(inclusive.items(), key=lambda item: -item[1])[:count]
+    return [(round(100 * n / max(total, 1), 1), frame) for frame, n in ranked]
+
+
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=200_000)
@@ -172,6 +203,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--logs", default=str(load.ROOT / ".floorguard" / "drain-logs"))
     parser.add_argument("--out", help="write the JSON result here too")
+    parser.add_argument("--profile", help="sample the worker with py-spy into this file, and print its top frames")
     return parser.parse_args(argv)
 
 
@@ -181,3 +213,6 @@ if __name__ == "__main__":
     if arguments_.out:
         Path(arguments_.out).write_text(json.dumps(result))
     print(json.dumps(result))
+    if arguments_.profile:
+        for share, frame in top_frames(Path(arguments_.profile)):
+            print(f"{share:5.1f}%  {frame}")

@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.adapter.processor import record_of  # noqa: E402
 from worker.core.decide import decide_batch  # noqa: E402
 from worker.core.model import PartitionState, Wallet  # noqa: E402
-from worker.core.outgoing import outgoing  # noqa: E402
+from worker.core.outgoing import rendered  # noqa: E402
 from worker.core.parse import parse  # noqa: E402
-from worker.store import columns  # noqa: E402
+from worker.store.rows import decision_rows, encode_records  # noqa: E402
 
 ROUNDS = 5
 FORBIDDEN = ("fg.commands", "fg.events", "fg.dlq")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> dict:
     funded = {f"w{i}": Wallet(f"w{i}", 10**12, 0, 0, 2, 0) for i in range(args.wallets)}
 
     def parsing():
-        return [parse(record_of(raw), FORBIDDEN) for raw in fetched]
+        return [parse(record_of(raw), FORBIDDEN, 1) for raw in fetched]
 
     parse_s, parsed = best(parsing)
 
@@ -73,17 +73,19 @@ def main(argv: list[str] | None = None) -> dict:
     decide_s, (state, decided) = best(deciding)
 
     def rendering():
-        return [record for decision in decided for record in outgoing(decision, "fg.events", "fg.dlq", "fg.commands")]
+        return [rendered(decision, "fg.events", "fg.dlq", "fg.commands") for decision in decided]
 
-    render_s, _ = best(rendering)
+    render_s, sent = best(rendering)
+    stored = [(decision, encoded) for decision, (encoded, _) in zip(decided, sent, strict=True) if decision.stored]
 
     def writing():
-        return columns.decisions([d for d in decided if d.stored])
+        return decision_rows([d for d, _ in stored], [e for _, e in stored]), encode_records(
+            [record for _, records in sent for record in records])
 
     columns_s, _ = best(writing)
     count = len(fetched)
     steps = {"parse (record to command)": parse_s, "decide": decide_s, "render (reply and event bytes)": render_s,
-             "columns of the batch's statements": columns_s}  # fmt: skip
+             "rows of the batch's statements (decisions, outbox)": columns_s}  # fmt: skip
     report = {name: round(seconds * 1e6 / count, 2) for name, seconds in steps.items()}
     report["total"] = round(sum(report.values()), 2)
     return {"commands": count, "us_per_command": report, "python": sys.version.split()[0]}

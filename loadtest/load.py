@@ -59,8 +59,8 @@ FUNDS = 10_000_000  # per wallet; the hot wallet gets less, so that its budget r
 AMOUNT_MAX = 1_000
 
 
-# A command's value, formatted directly: its ids and wallet names are plain ASCII, and json.dumps
-# per command would cost the generator more than the worker spends deciding it.
+# A command's value, formatted as bytes directly (its ids and wallet names are plain ASCII): a
+# fraction of what json.dumps and encode cost per command.
 CHARGE = b'{"v":1,"op":"charge","id":"%s","wallet":"%s","amount":%d}'
 RESERVE = b'{"v":1,"op":"reserve","id":"%s","wallet":"%s","amount":%d}'
 CAPTURE = b'{"v":1,"op":"capture","id":"%s","wallet":"%s","hold":"%s","amount":%d}'
@@ -188,16 +188,19 @@ async def admin_key(settings: config.Settings) -> tuple[str, str]:
 class Client:
     """Sends commands in batches, one per partition, and reads the replies in batches.
 
-    `send` only appends to its partition's open batch; the flusher task hands the batches to the
-    producer, so that neither the offer nor the reader waits while a partition's previous batch is
-    still queued (send_batch waits then). Records go to the partition Kafka's default partitioner
-    gives their key: the worker relies on a wallet's commands being where any client puts them.
+    A record goes to the partition Kafka's default partitioner gives its key (the worker relies on a
+    wallet's commands being where any client puts them). `send` only appends to the partition's
+    batch. At each tick, unless the batches handed over before are still unacknowledged, `flush`
+    hands over every partition's batch: one produce request with all the records since the last one.
+    The producer sends one request at a time to a broker anyway, and a request costs this process
+    far more than a record (aiokafka encodes, decodes and schedules it in Python). The offer never
+    waits for the broker.
     """
 
     def __init__(self, settings: config.Settings, run: Run, key: tuple[str, str] | None = None) -> None:
         self.settings, self.run = settings, run
         self.key = key
-        # linger_ms=0: a batch is handed over once its tick's commands are in; lingering again would only delay it.
+        # linger_ms=0: a batch handed over has gathered its records already (see flush).
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0,
                                          max_batch_size=262_144, enable_idempotence=True)  # fmt: skip
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
@@ -205,10 +208,10 @@ class Client:
         self.on_reserved = lambda wallet, reserve_id, reply, now: None
         self.reply_to = ("reply_to", settings.topics.replies.encode())
         self.placed: dict[str, Placed] = {}
-        self.open: dict[int, BatchBuilder] = {}  # partition -> the batch still taking records
-        self.queue: list[tuple[int, BatchBuilder]] = []  # batches not handed over yet, in the order opened
-        self.wake = asyncio.Event()  # set while the queue has batches or the flusher is handing some over
-        self.pending: list[asyncio.Future] = []  # the batches' deliveries
+        # partition -> its batches not handed over yet, oldest first (more than one when one filled up)
+        self.batches: dict[int, list[BatchBuilder]] = {}
+        self.flying = 0  # batches handed over and not acknowledged yet
+        self.failed: BaseException | None = None  # the first batch the broker did not take
 
     async def start(self) -> None:
         await self.producer.start()
@@ -220,12 +223,10 @@ class Client:
         for tp in parts:
             await self.consumer.position(tp)
         self.reader = asyncio.create_task(self._read())
-        self.flusher = asyncio.create_task(self._flush())
 
     async def stop(self) -> None:
-        for task in (self.reader, self.flusher):
-            task.cancel()
-        await asyncio.gather(self.reader, self.flusher, return_exceptions=True)
+        self.reader.cancel()
+        await asyncio.gather(self.reader, return_exceptions=True)
         await self.producer.stop()
         await self.consumer.stop()
 
@@ -237,7 +238,8 @@ class Client:
             placed = self.placed[wallet] = key, DefaultPartitioner()(key, self.partitions, self.partitions)
         return placed
 
-    def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float, reserve_id: bytes | None = None) -> None:
+    def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float,
+             reserve_id: bytes | None = None) -> None:  # fmt: skip
         """Adds a command to its partition's batch; `reserve_id`, on a reserve or its retry, asks for
         `on_reserved` once it is answered."""
         self.run.sent_at[correlation_id] = now
@@ -247,35 +249,32 @@ class Client:
         headers = [self.reply_to, ("correlation_id", correlation_id)]
         if self.key is not None:
             headers.append(auth_header(self.key[0], self.key[1], value))
-        batch = self.open.get(partition)
-        if batch is not None and batch.append(timestamp=None, key=key, value=value, headers=headers) is not None:
+        queue = self.batches.setdefault(partition, [])
+        if not queue or queue[-1].append(timestamp=None, key=key, value=value, headers=headers) is None:
+            queue.append(self.producer.create_batch())  # the first since the last flush, or the last is full
+            queue[-1].append(timestamp=None, key=key, value=value, headers=headers)
+
+    async def flush(self) -> None:
+        """Hands over the oldest batch of each partition, unless some are still in flight; raises what
+        the broker refused."""
+        if self.failed is not None:
+            raise self.failed
+        if self.flying:
             return
-        batch = self.open[partition] = self.producer.create_batch()  # the first of this partition, or the last one is full
-        batch.append(timestamp=None, key=key, value=value, headers=headers)
-        self.queue.append((partition, batch))
-        self.wake.set()
-
-    async def flushed(self) -> None:
-        """Until every command sent so far is handed to the producer and acknowledged."""
-        while self.wake.is_set():
-            if self.flusher.done():
-                self.flusher.result()  # raises what stopped it
-            await asyncio.sleep(TICK_S)
-        await asyncio.gather(*self.pending)
-        self.pending.clear()
-
-    async def _flush(self) -> None:
         topic = self.settings.topics.commands
-        while True:
-            await self.wake.wait()
-            while self.queue:
-                queue, self.queue, self.open = self.queue, [], {}
-                for partition, batch in queue:
-                    self.pending.append(await self.producer.send_batch(batch, topic, partition=partition))
-                if len(self.pending) > 10_000:
-                    await asyncio.gather(*self.pending)
-                    self.pending.clear()
-            self.wake.clear()
+        for partition, queue in list(self.batches.items()):
+            batch = queue.pop(0)
+            if not queue:
+                del self.batches[partition]
+            self.flying += 1
+            # Does not wait: with every batch before acknowledged, none is queued in the producer.
+            delivery = await self.producer.send_batch(batch, topic, partition=partition)
+            delivery.add_done_callback(self._delivered)
+
+    def _delivered(self, delivery: asyncio.Future) -> None:
+        self.flying -= 1
+        if not delivery.cancelled() and delivery.exception() is not None and self.failed is None:
+            self.failed = delivery.exception()
 
     async def _read(self) -> None:
         """Per reply: its correlation id, found among the headers without a dict, and its send time.
@@ -314,10 +313,12 @@ async def fund(client: Client, wallets: list[str], hot_funds: int) -> None:
 
 
 async def drain(client: Client, timeout_s: float) -> None:
-    await client.flushed()
+    """Until every send is answered. Keeps ticking while something may still go out: a batch not
+    handed over yet, or a reserve whose reply will send its capture or release."""
     deadline = time.monotonic() + timeout_s
     while client.run.sent_at and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+        await client.flush()
+        await asyncio.sleep(TICK_S if client.batches or client.run.holds else 0.05)
 
 
 async def offer(client: Client, args, wallets: list[str], rng: random.Random) -> int:
@@ -325,7 +326,7 @@ async def offer(client: Client, args, wallets: list[str], rng: random.Random) ->
     sends the commands whose time has come, stamped with the tick's time."""
     choose = pick(args.distribution, len(wallets), rng)
     placed = [client.place(wallet) for wallet in wallets]
-    history: list[tuple[Placed, bytes, bytes, bool]] = []  # wallet, value, id, whether a reserve
+    history: list[tuple[Placed, bytes, bytes, bytes | None]] = []  # wallet, value, id, the id again on a reserve
     sent = 0
     started = time.monotonic()
     while (elapsed := (now := time.monotonic()) - started) < args.seconds:
@@ -334,16 +335,20 @@ async def offer(client: Client, args, wallets: list[str], rng: random.Random) ->
             sent += 1
             kind = rng.random()
             if kind < args.retry_share and history:
-                wallet, value, command_id, reserve = rng.choice(history)  # the same command, again
-                client.send(wallet, value, b"%s-r%d" % (command_id, sent), now, command_id if reserve else None)
+                wallet, value, command_id, reserve_id = rng.choice(history)  # the same command, again
+                client.send(wallet, value, b"%s-r%d" % (command_id, sent), now, reserve_id)
                 continue
             wallet = placed[choose()]
-            reserve = kind < args.retry_share + args.hold_share
-            command_id = b"%s%d" % (b"r" if reserve else b"c", sent)
-            value = (RESERVE if reserve else CHARGE) % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
-            client.send(wallet, value, command_id, now, command_id if reserve else None)
+            if kind < args.retry_share + args.hold_share:
+                command_id = reserve_id = b"r%d" % sent
+                value = RESERVE % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
+            else:
+                command_id, reserve_id = b"c%d" % sent, None
+                value = CHARGE % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
+            client.send(wallet, value, command_id, now, reserve_id)
             if len(history) < 10_000:
-                history.append((wallet, value, command_id, reserve))
+                history.append((wallet, value, command_id, reserve_id))
+        await client.flush()  # with the captures and releases the replies read since the last tick
         await asyncio.sleep(TICK_S)
     return sent
 
@@ -354,7 +359,8 @@ def close_holds(client: Client, rng: random.Random):
             hold = reply["hold"].encode()
             if rng.random() < 0.8:
                 capture_id = b"c-" + reserve_id
-                client.send(wallet, CAPTURE % (capture_id, wallet[0], hold, rng.randint(0, reply["amount"])), capture_id, now)
+                amount = rng.randint(0, reply["amount"])
+                client.send(wallet, CAPTURE % (capture_id, wallet[0], hold, amount), capture_id, now)
             else:
                 release_id = b"r-" + reserve_id
                 client.send(wallet, RELEASE % (release_id, wallet[0], hold), release_id, now)
@@ -396,8 +402,9 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         run.timeline.clear()
         funded = run.answered
         client.on_reserved = close_holds(client, rng)
-        # Every send and reply is kept until the end: the collector would walk them all again and
-        # again, stalling the generator. Nothing here is cyclic garbage worth collecting mid-run.
+        # The offer keeps thousands of commands (its history for retries, the sends awaiting their
+        # reply): the collector would walk them again and again, stalling the generator. Nothing here
+        # is cyclic garbage worth collecting mid-run.
         gc.collect()
         gc.freeze()
         gc.disable()

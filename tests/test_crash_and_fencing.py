@@ -15,6 +15,7 @@ from tests.harness import Replies, books, events, send_all
 from worker.core.model import Parsed, Record
 from worker.core.outgoing import rendered
 from worker.core.parse import parse
+from worker.decider import Decider
 from worker.store.queries import QUERIES
 from worker.store.store import Fenced, PartitionBatch, Store
 
@@ -65,11 +66,11 @@ async def test_a_stale_owner_can_neither_apply_nor_advance(settings):
         def render(decision):
             return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
 
-        committed = await store.apply_batch(topic, 0, 0, batch(0, "o1"), render)  # the new owner
+        committed = await Decider(store).apply_one(topic, PartitionBatch(0, 0, batch(0, "o1")), render)  # the new owner
         assert committed.next_offset == 1
         with pytest.raises(Fenced):  # the old owner, still believing the partition is at 0
-            await store.apply_batch(topic, 0, 0, batch(0, "o1"), render)
-        again = await store.apply_batch(topic, 0, 1, batch(0, "o1"), render)  # redelivered: skipped
+            await Decider(store).apply_one(topic, PartitionBatch(0, 0, batch(0, "o1")), render)
+        again = await Decider(store).apply_one(topic, PartitionBatch(0, 1, batch(0, "o1")), render)  # redelivered: skipped
         assert again.decisions == [] and again.next_offset == 1
     finally:
         await store.close()
@@ -91,9 +92,9 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
         def render(decision):
             return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
 
-        await store.apply_batch(topic, 1, 0, [opening(1, 0, "b0")], render)  # partition 1 moved on
-        outcome = await store.apply_batches(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
-                                                    PartitionBatch(1, 0, [opening(1, 0, "b0")])], render)  # fmt: skip
+        await Decider(store).apply_one(topic, PartitionBatch(1, 0, [opening(1, 0, "b0")]), render)  # partition 1 moved on
+        outcome = await Decider(store).apply(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
+                                                     PartitionBatch(1, 0, [opening(1, 0, "b0")])], render)  # fmt: skip
         assert isinstance(outcome[1], Fenced) and outcome[1].stored_offset == 1
         committed = outcome[0]
         assert committed.next_offset == 2 and [d.reply["wallet"] for d in committed.decisions] == ["a0", "a1"]
@@ -119,9 +120,10 @@ async def test_the_database_refuses_an_overdraft_even_from_a_buggy_writer(settin
     try:
         await connection.execute("INSERT INTO wallets VALUES ('w', 10, 0, 0, 1, 0)")
         # The guarded statement moves nothing when the move would cross the floor ...
-        status = await connection.execute(QUERIES["apply_wallets"], ["w"], [-11], [0], [1], [2])
+        status = await connection.execute(QUERIES["apply_wallets"], '{"w"}', "{-11}", "{0}", "{1}", "{2}")
         assert status == "UPDATE 0"
-        assert await connection.fetchval(QUERIES["apply_wallets"].replace(";", "") + " RETURNING 1", ["w"], [-10], [0], [1], [2]) == 1
+        moved = QUERIES["apply_wallets"].replace(";", "") + " RETURNING 1"
+        assert await connection.fetchval(moved, '{"w"}', "{-10}", "{0}", "{1}", "{2}") == 1
         # ... and the CHECK constraint stops any other statement.
         with pytest.raises(asyncpg.CheckViolationError):
             await connection.execute("UPDATE wallets SET balance = -1 WHERE wallet = 'w'")

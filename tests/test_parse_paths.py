@@ -20,6 +20,7 @@ from tests.test_fuzz import FORBIDDEN, WORLD, headers_strategy, json_objects, re
 from worker.core.codes import Op
 from worker.core.model import Command, Record, Usage
 from worker.core.parse import _well_formed, parse, parse_thorough
+from worker.core.placement import partition_of
 
 RECORDS_PER_RUN = 20_000
 
@@ -37,7 +38,7 @@ def test_every_valid_command_parses_the_same_both_ways_and_most_take_the_fast_pa
         thorough = parse_thorough(record, FORBIDDEN)
         assert isinstance(thorough.command, Command), (seed, n, record, thorough)
         assert parse(record, FORBIDDEN) == thorough, (seed, n, record)
-        fast += _well_formed(record, FORBIDDEN) is not None
+        fast += _well_formed(record, FORBIDDEN, None) is not None
     # The grammar adds memos with escapes, reply_partition headers and the like, which the thorough
     # path takes; plain commands, which are what agents send, must nearly all go the fast way.
     assert fast > RECORDS_PER_RUN // 3, fast
@@ -92,3 +93,27 @@ def test_the_fingerprint_written_by_hand_is_the_canonical_one(op, wallet, amount
     assert command.fingerprint() == command.canonical_fingerprint()
     canonical = json.dumps(command.request(), sort_keys=True, separators=(",", ":"))
     assert canonical.isascii()
+
+
+def test_a_record_off_its_keys_partition_is_a_422_both_ways():
+    """D33: a record must sit on the partition Kafka's default partitioner picks for its key, so
+    that one writer decides each wallet; a producer that chose another partition by hand gets a 422."""
+    value = b'{"v":1,"op":"charge","id":"c1","wallet":"w-7","amount":5}'
+    home = partition_of(b"w-7", 8)
+    for partition in range(8):
+        record = Record(partition, 0, 0, b"w-7", value, (("reply_to", b"fz.replies"),))
+        parsed = parse(record, FORBIDDEN, 8)
+        assert parsed == parse_thorough(record, FORBIDDEN, 8)
+        if partition == home:
+            assert isinstance(parsed.command, Command), parsed
+        else:
+            assert parsed.command.message == (f"key: the record is on partition {partition}; Kafka's default "
+                                              f"partitioner (murmur2) places this key on partition {home}")  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data(), st.integers(0, 7))
+def test_placement_is_checked_the_same_both_ways(data, partition):
+    record = _valid(HypothesisChooser(data))
+    record = Record(partition, record.offset, record.timestamp_ms, record.key, record.value, record.headers)
+    assert parse(record, FORBIDDEN, 8) == parse_thorough(record, FORBIDDEN, 8)

@@ -1,7 +1,7 @@
 """Rebuilds a ledger from the commands topic, through the worker's own core and store.
 
 Offset 0 to the end (as it was when the replay began), each partition's records in order, in the
-same per-partition batch transaction the worker uses (`Store.apply_batch`), with nothing to
+same per-partition batch transaction the worker uses (`Decider`), with nothing to
 publish. The price table and the auth tables (keys and modes: scopes and times, no secret) are the
 inputs outside the log: their rows are copied from the source ledger first (they are append-only,
 so a copy is exact). A log written with authentication on is replayed with the same master secret,
@@ -23,10 +23,12 @@ from worker.adapter.streams import read_to_end, topic_partitions
 from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCredentials, Misconfigured, Topics
 from worker.core.auth import master_check
 from worker.core.outgoing import encode
+from worker.core.model import PartitionState
 from worker.core.parse import parse
+from worker.decider import Decider
 from worker.store import books
 from worker.store.migrate import migrate
-from worker.store.store import Store
+from worker.store.store import PartitionBatch, Store
 
 PROGRESS_EVERY_S = 2.0
 
@@ -54,7 +56,8 @@ async def replay(bootstrap: str, topics: Topics, source_url: str, target_url: st
     store = await Store.connect(target_url, master_secret=master_secret)
     try:
         await _prepare(store, source_url, target_url, topics, bootstrap, master_secret, credentials)
-        return await _run(store, bootstrap, topics, progress, credentials)
+        partitions = await topic_partitions(bootstrap, topics.commands, credentials)
+        return await _run(store, bootstrap, topics, len(partitions), progress, credentials)
     finally:
         await store.close()
 
@@ -85,10 +88,12 @@ async def _prepare(store: Store, source_url: str, target_url: str, topics: Topic
         await store.claim(topics.commands, partition)
 
 
-async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[[str], None],
+async def _run(store: Store, bootstrap: str, topics: Topics, partition_count: int, progress: Callable[[str], None],
                credentials: KafkaCredentials | None) -> Replayed:  # fmt: skip
     forbidden = (topics.commands, topics.events, topics.dlq)
+    decider = Decider(store)
     seen: dict[int, int] = {}
+    states: dict[int, PartitionState] = {}  # carried from batch to batch, as the worker does
     done = [0]
     started = last = time.monotonic()
     total = [0]
@@ -96,9 +101,10 @@ async def _run(store: Store, bootstrap: str, topics: Topics, progress: Callable[
     async def apply(records: Sequence[ConsumerRecord]) -> None:
         nonlocal last
         partition = records[0].partition
-        batch = [parse(record_of(raw), forbidden) for raw in records]
-        committed = await store.apply_batch(topics.commands, partition, seen.get(partition, 0), batch, _nothing)
-        seen[partition] = committed.next_offset
+        batch = [parse(record_of(raw), forbidden, partition_count) for raw in records]
+        committed = await decider.apply_one(
+            topics.commands, PartitionBatch(partition, seen.get(partition, 0), batch, states.get(partition)), _nothing)
+        seen[partition], states[partition] = committed.next_offset, committed.state
         done[0] += len(records)
         if time.monotonic() - last > PROGRESS_EVERY_S:
             last = time.monotonic()

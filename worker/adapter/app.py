@@ -132,6 +132,7 @@ def build_app(settings: Settings) -> FastStream:
     @asynccontextmanager
     async def lifespan() -> AsyncIterator[None]:
         partitions = await check_commands_topic(settings.kafka_bootstrap, topics, settings.kafka_credentials)
+        processor.partition_count = partitions  # each record is checked against its key's partition (D33)
         log.info("%s has %d partitions, LogAppendTime, retention forever", topics.commands, partitions)
         runtime["store"] = await Store.connect(settings.database_url, master_secret=settings.master_secret)
         try:

@@ -3,6 +3,10 @@
 The consumer's position is not trusted: the database holds each partition's next offset, read on
 assignment and advanced by each batch's transaction only from the value this worker last saw.
 A worker that lost a partition meets a different stored offset, rolls back, and lets go.
+
+Everything the worker holds of one partition is one `Partition` object: its position, its phase,
+the outbox rows the broker has acknowledged, the publish in flight, and the state its last batch
+left (wallets and holds), which the next batch starts from instead of reading it again.
 """
 
 from __future__ import annotations
@@ -12,8 +16,10 @@ import logging
 import os
 import signal
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
@@ -21,10 +27,11 @@ from aiokafka.errors import IllegalStateError, KafkaError
 from worker import failpoints
 from worker.adapter import metrics
 from worker.config import Topics
-from worker.core.model import Parsed, Record
+from worker.core.model import Parsed, PartitionState, Record
 from worker.core.outgoing import Outgoing, rendered
 from worker.core.parse import parse
 from worker.adapter.publisher import Publisher, Undeliverable
+from worker.decider import AuthChanged, Decided, Decider
 from worker.store.store import TRANSIENT_ERRORS, Committed, Fenced, Outbox, PartitionBatch, Store
 from worker.sweeper import BrokerClock
 
@@ -42,6 +49,34 @@ INFRA_ERRORS = (*TRANSIENT_ERRORS, OSError, asyncio.TimeoutError, KafkaError, Un
 log = logging.getLogger("floorguard.worker")
 
 
+class Phase(Enum):
+    CLAIMED = "claimed"  # its position read; what an earlier owner (or a crash) left in its outbox may be unsent
+    READY = "ready"  # its outbox published: its batches are decided
+
+
+@dataclass(slots=True, eq=False)
+class Partition:
+    """A commands partition this worker owns: assigned to it and claimed from the database."""
+
+    number: int
+    next_offset: int  # the stored position this worker last read or wrote
+    phase: Phase = Phase.CLAIMED
+    rewound_to: int | None = None  # the offset it was last sought back to (see `_skipped_ahead`)
+    acknowledged: list[int] = field(default_factory=list)  # outbox rows the broker has, to delete
+    applying: bool = False  # its batch transaction is under way
+    committing: asyncio.Task[None] | None = None  # its last decided batch, being stored
+    publishing: asyncio.Task[None] | None = None  # its last committed batch, on its way to the broker
+    # What its batches decided so far (wallets, holds): the next batch starts from it, whether or
+    # not the last one is committed yet. Dropped after anything that may have left it ahead of
+    # the database (a failed or fenced commit): the next batch reads what it needs again.
+    state: PartitionState | None = None
+    decided_offset: int = -1  # where its decided batches end (`next_offset` once they are committed)
+    generation: int = 0  # moves each time the state is dropped: what was decided on the old one is let go
+
+    def __post_init__(self) -> None:
+        self.decided_offset = self.next_offset
+
+
 class Processor:
     def __init__(self, store: Callable[[], Store], publisher: Publisher, topics: Topics,
                  consumer: Callable[[], AIOKafkaConsumer | None], clock: BrokerClock) -> None:  # fmt: skip
@@ -51,14 +86,8 @@ class Processor:
         self._topics = topics
         self._consumer = consumer
         self._forbidden_reply_topics = (topics.commands, topics.events, topics.dlq)
-        self._seen: dict[int, int] = {}  # partition -> next offset this worker last saw stored
-        self._unpublished: set[int] = set()  # partitions whose outbox may hold unsent records
-        self._rewound: dict[int, int] = {}  # partition -> offset it was last sought back to
-        # Outbox rows the broker acknowledged are deleted by the partition's next batch transaction,
-        # or at once when none is under way: under load that saves a commit per batch.
-        self._published: dict[int, list[int]] = {}  # partition -> acknowledged outbox rows to delete
-        self._applying: set[int] = set()  # partitions whose batch transaction is under way
-        self._inflight: dict[int, asyncio.Task[None]] = {}  # partition -> its batch being published
+        self.partition_count: int | None = None  # of the commands topic, set in the lifespan (D33)
+        self._partitions: dict[int, Partition] = {}
         # Held while a batch is decided, so that a rebalance hands partitions over between batches.
         self.busy = asyncio.Lock()
         # While the database is unreachable every assigned partition is paused at the consumer, so
@@ -82,22 +111,27 @@ class Processor:
         if self._database_away_since_s is not None:
             self._pause(consumer)  # a new assignment starts unpaused; the probe claims these
             return
-        for partition in partitions:
+        for number in partitions:
             try:
-                await self._resume(consumer, partition)
+                await self._claim(consumer, number)
             except INFRA_ERRORS as error:
                 # Claimed later, by the first batch that arrives for it (see `_ready`).
-                log.warning("partition %d: cannot read its position yet (%r)", partition, error)
-        for partition in partitions:
-            if partition in self._seen:
-                await self._heal(partition)
+                log.warning("partition %d: cannot read its position yet (%r)", number, error)
+        for number in partitions:
+            if number in self._partitions:
+                await self._heal(self._partitions[number])
 
-    async def _resume(self, consumer: AIOKafkaConsumer, partition: int) -> None:
-        next_offset = await self._store.claim(self._topics.commands, partition)
-        self._seen[partition] = next_offset
-        consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
-        self._unpublished.add(partition)
-        log.info("partition %d assigned, resuming at offset %d", partition, next_offset)
+    async def _claim(self, consumer: AIOKafkaConsumer, number: int) -> None:
+        """Read the partition's stored position and seek there; its outbox is published first."""
+        next_offset = await self._store.claim(self._topics.commands, number)
+        partition = self._partitions.get(number)
+        if partition is None:
+            self._partitions[number] = Partition(number, next_offset)
+        else:  # claimed again after an outage: what it holds in memory may be ahead of the database
+            partition.next_offset, partition.phase = next_offset, Phase.CLAIMED
+            partition.state, partition.decided_offset, partition.generation = None, next_offset, partition.generation + 1
+        consumer.seek(TopicPartition(self._topics.commands, number), next_offset)
+        log.info("partition %d assigned, resuming at offset %d", number, next_offset)
 
     async def close(self) -> None:
         if self._probe is not None:
@@ -107,43 +141,45 @@ class Processor:
     async def revoked(self, partitions: Sequence[int]) -> None:
         async with self.busy:
             await self.flush(partitions)
-            for partition in partitions:
-                self._seen.pop(partition, None)
-                self._unpublished.discard(partition)
+            for number in partitions:
+                self._partitions.pop(number, None)
 
-    async def _heal(self, partition: int) -> None:
+    async def _heal(self, partition: Partition) -> None:
         """Publish what a crash or an earlier owner left in the partition's outbox."""
         try:
-            pending = await self._store.pending_outbox(self._topics.commands, partition)
+            pending = await self._store.pending_outbox(self._topics.commands, partition.number)
             if pending:
                 records = [record for outbox in pending for record in outbox.records]
-                log.info("partition %d: publishing %d records left in the outbox", partition, len(records))
+                log.info("partition %d: publishing %d records left in the outbox", partition.number, len(records))
                 await self._publisher.publish(records)
                 await self._store.delete_outbox([outbox.position for outbox in pending])
         except INFRA_ERRORS as error:
-            log.warning("partition %d: outbox not published yet (%r)", partition, error)
+            log.warning("partition %d: outbox not published yet (%r)", partition.number, error)
             return
-        self._unpublished.discard(partition)
+        partition.phase = Phase.READY
 
     # --- batches --------------------------------------------------------------------------------
 
-    async def flush(self, partitions: Sequence[int] | None = None) -> None:
-        """Wait for the batches in flight to the broker, then delete what they published."""
-        chosen = list(self._inflight) if partitions is None else [p for p in partitions if p in self._inflight]
-        await asyncio.gather(*(self._inflight.pop(p) for p in chosen), return_exceptions=True)
-        for partition in list(self._published) if partitions is None else partitions:
+    async def flush(self, numbers: Sequence[int] | None = None) -> None:
+        """Wait for the batches being stored and in flight to the broker, then delete what they published."""
+        chosen = [self._partitions[n] for n in (self._partitions if numbers is None else numbers)
+                  if n in self._partitions]  # fmt: skip
+        await asyncio.gather(*{p.committing for p in chosen if p.committing is not None}, return_exceptions=True)
+        await asyncio.gather(*(p.publishing for p in chosen if p.publishing is not None), return_exceptions=True)
+        for partition in chosen:
+            partition.publishing = None
             await self._tidy(partition)
 
-    async def _tidy(self, partition: int) -> None:
+    async def _tidy(self, partition: Partition) -> None:
         """Delete the partition's acknowledged outbox rows. A failure only means sent again later."""
-        positions = self._published.pop(partition, [])
+        positions, partition.acknowledged = partition.acknowledged, []
         if not positions:
             return
         try:
             await self._store.delete_outbox(positions)
         except INFRA_ERRORS as error:
-            log.warning("partition %d: outbox rows not deleted yet (%r)", partition, error)
-            self._published.setdefault(partition, []).extend(positions)
+            log.warning("partition %d: outbox rows not deleted yet (%r)", partition.number, error)
+            partition.acknowledged.extend(positions)
 
     def owned(self) -> list[int]:
         """The partitions this worker decides now: assigned to it and claimed from the database."""
@@ -151,122 +187,204 @@ class Processor:
         if consumer is None:
             return []
         assigned = {tp.partition for tp in consumer.assignment() if tp.topic == self._topics.commands}
-        return sorted(p for p in self._seen if p in assigned)
+        return sorted(n for n in self._partitions if n in assigned)
 
     def sweepable(self) -> list[int]:
         """The partitions the sweeper watches: none while the database is away."""
         return [] if self._database_away_since_s is not None else self.owned()
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        if records:
-            self._clock.observe(max(raw.timestamp for raw in records))
+        if not records:
+            return
+        self._clock.observe(max(raw.timestamp for raw in records))
         metrics.RECORDS_FETCHED.inc(len(records))
-        by_partition: dict[int, list[Parsed]] = defaultdict(list)
+        forbidden, count = self._forbidden_reply_topics, self.partition_count
+        by_partition: dict[int, list[Parsed]] = {}
         for raw in records:
-            by_partition[raw.partition].append(parse(record_of(raw), self._forbidden_reply_topics))
+            batch = by_partition.get(raw.partition)
+            if batch is None:
+                batch = by_partition[raw.partition] = []
+            batch.append(parse(record_of(raw), forbidden, count))
         async with self.busy:
-            ready = {p: batch for p, batch in by_partition.items() if await self._ready(p, batch)}
+            ready = {n: batch for n, batch in by_partition.items() if await self._ready(n, batch)}
             if sum(len(batch) for batch in ready.values()) <= ONE_TRANSACTION_RECORDS_MAX:
                 groups = [ready] if ready else []
             else:
-                groups = [{p: batch} for p, batch in ready.items()]
+                groups = [{n: batch} for n, batch in ready.items()]
             await asyncio.gather(*(self._apply(group) for group in groups))
 
-    async def _ready(self, partition: int, batch: list[Parsed]) -> bool:
+    async def _ready(self, number: int, batch: list[Parsed]) -> bool:
         """Whether the partition's batch can be decided now: owned, claimed, its outbox healed."""
-        if partition not in self._seen:
+        partition = self._partitions.get(number)
+        if partition is None:
             # Assigned while the database was away: claim it now and start from its stored offset.
             consumer = self._consumer()
-            tp = TopicPartition(self._topics.commands, partition)
+            tp = TopicPartition(self._topics.commands, number)
             if consumer is not None and tp in consumer.assignment():
                 try:
-                    await self._resume(consumer, partition)
+                    await self._claim(consumer, number)
                 except INFRA_ERRORS as error:
                     consumer.seek(tp, batch[0].record.offset)  # keep the records coming back
                     self._database_away(error)
             return False
-        if partition in self._unpublished:
-            await self.flush([partition])
+        if partition.phase is Phase.CLAIMED:
+            await self.flush([number])
             await self._heal(partition)
         return not self._skipped_ahead(partition, batch)
 
     async def _apply(self, batches: dict[int, list[Parsed]]) -> None:
-        """One transaction for the batches of every ready partition: one flush for all of them."""
+        """Decide the batches of these partitions, beside their previous batches' commit, then
+        start their commit (one transaction for all of them) and return: the next fetch is decided
+        while this one commits. What was decided on a state that did not get committed (the commit
+        before it failed, or was fenced) is let go of: its records come again from the log."""
         for batch in batches.values():
             metrics.BATCH_SIZE.observe(len(batch))
+        decider = Decider(self._store)
         delay_s = INFRA_BACKOFF_FIRST_S
         for attempt in range(1, INFRA_RETRIES_MAX + 1):
-            owned = {p: batch for p, batch in batches.items() if p in self._seen}
+            owned = {self._partitions[n]: batch for n, batch in batches.items() if n in self._partitions}
             if not owned:
                 return  # revoked since the fetch: the new owner decides these
-            taken = {p: self._published.pop(p, []) for p in owned}
-            self._applying.update(owned)
+            generations = {partition: partition.generation for partition in owned}
             try:
-                began_s = time.monotonic()
-                outcome = await self._store.apply_batches(
-                    self._topics.commands, [PartitionBatch(p, self._seen[p], batch) for p, batch in owned.items()],
-                    self.render, [position for positions in taken.values() for position in positions])  # fmt: skip
-                metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
+                decided = await decider.decide(self._topics.commands, [
+                    PartitionBatch(p.number, p.decided_offset, batch, p.state, p.committing is not None)
+                    for p, batch in owned.items()])  # fmt: skip
+                break
             except INFRA_ERRORS as error:
-                for p, positions in taken.items():
-                    self._published.setdefault(p, []).extend(positions)
+                for partition in owned:
+                    self._start_over(partition)  # deciding may have moved its state on: read it again
                 self._database_away(error)
-                log.debug("partitions %s: attempt %d failed: %r", sorted(owned), attempt, error)
+                log.debug("partitions %s: attempt %d failed: %r", sorted(batches), attempt, error)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
-                continue
-            finally:
-                self._applying.difference_update(owned)
-            self._database_back()
-            metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
-            for partition, committed in outcome.items():
-                if isinstance(committed, Fenced):
-                    log.warning("partition %d fenced (%s): letting go of this batch", partition, committed)
-                    await self._resume_from_store(partition)
-                    continue
-                self._seen[partition] = committed.next_offset
-                _count(committed.decisions)
-            failpoints.hit("after_commit")
-            for partition, committed in outcome.items():
-                if isinstance(committed, Committed):
-                    await self._publish_after(partition, committed.outbox)
+        else:
+            # Out of retries: let go of the batches. Their partitions stay paused; the probe seeks
+            # them to their stored positions and resumes them once the database answers.
+            for number in batches:
+                partition = self._partitions.get(number)
+                if partition is not None:
+                    self._start_over(partition)
             return
-        # Out of retries: let go of the batches. Their partitions stay paused; the probe seeks them
-        # to their stored positions and resumes them once the database answers.
-        consumer = self._consumer()
-        for partition in batches:
-            if partition in self._seen and consumer is not None:
-                self._seek(consumer, partition, self._seen[partition])
+        previous = {partition.committing for partition in owned if partition.committing is not None}
+        if previous:
+            await asyncio.gather(*previous)  # never raises: a commit settles its own failures
+        current = {p for p in owned if self._partitions.get(p.number) is p and p.generation == generations[p]}
+        for partition in owned:
+            if partition not in current:
+                decided.writes = [w for w in decided.writes if w.partition != partition.number]
+                decided.outcome.pop(partition.number, None)
+        if not current:
+            return
+        for write in decided.writes:
+            partition = self._partitions[write.partition]
+            # The next batch is decided from here, whether or not this one is committed by then.
+            partition.decided_offset, partition.state = write.next_offset, decided.states[write.partition]
+        commit = asyncio.create_task(self._commit(decided, current))
+        commit.add_done_callback(_stop_if_failed)
+        for partition in current:
+            partition.committing = commit
 
-    async def _publish_after(self, partition: int, outbox: Outbox | None) -> None:
+    async def _commit(self, decided: Decided, partitions: set[Partition]) -> None:
+        """Store the decided batches (retrying the infrastructure's faults: the same decisions,
+        from the same positions), then publish what they send."""
+        delay_s = INFRA_BACKOFF_FIRST_S
+        try:
+            for attempt in range(1, INFRA_RETRIES_MAX + 1):
+                owned = [p for p in partitions if self._partitions.get(p.number) is p]
+                if not owned:
+                    return  # revoked meanwhile: the new owner decides these
+                taken = {partition: partition.acknowledged for partition in owned}
+                for partition in owned:
+                    partition.acknowledged, partition.applying = [], True
+                try:
+                    began_s = time.monotonic()
+                    outcome = await Decider(self._store).commit(
+                        self._topics.commands, decided, self.render,
+                        [position for positions in taken.values() for position in positions])  # fmt: skip
+                    metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
+                except AuthChanged:
+                    for partition, positions in taken.items():
+                        partition.acknowledged.extend(positions)
+                        self._start_over(partition)
+                    log.info("partitions %s: keys or modes changed meanwhile; deciding again", sorted(decided.states))
+                    return
+                except INFRA_ERRORS as error:
+                    for partition, positions in taken.items():
+                        partition.acknowledged.extend(positions)
+                    self._database_away(error)
+                    log.debug("partitions %s: attempt %d failed: %r", sorted(decided.states), attempt, error)
+                    await asyncio.sleep(delay_s)
+                    delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
+                    continue
+                finally:
+                    for partition in owned:
+                        partition.applying = False
+                self._database_back()
+                metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
+                for partition in owned:
+                    committed = outcome.get(partition.number)
+                    if isinstance(committed, Fenced):
+                        log.warning("partition %d fenced (%s): letting go of this batch", partition.number, committed)
+                        partition.phase = Phase.CLAIMED  # whatever was committed before is published first
+                        await self._resume_from_store(partition)
+                    elif committed is not None:
+                        partition.next_offset = committed.next_offset
+                        _count(committed.decisions)
+                if any(isinstance(committed, Committed) and committed.outbox for committed in outcome.values()):
+                    failpoints.hit("after_commit")  # a transaction stored records to publish
+                for partition in owned:
+                    committed = outcome.get(partition.number)
+                    if isinstance(committed, Committed):
+                        await self._publish_after(partition, committed.outbox)
+                return
+            for partition in partitions:  # out of retries: the probe resumes them from the database
+                if self._partitions.get(partition.number) is partition:
+                    self._start_over(partition)
+        finally:
+            for partition in partitions:
+                if partition.committing is asyncio.current_task():
+                    partition.committing = None
+
+    def _start_over(self, partition: Partition) -> None:
+        """Drop what the partition holds beyond the database (its state, its decided position) and
+        seek back to its stored position: its records come again, and are decided afresh."""
+        partition.state = None
+        partition.generation += 1
+        partition.decided_offset = partition.next_offset
+        consumer = self._consumer()
+        if consumer is not None:
+            self._seek(consumer, partition, partition.next_offset)
+
+    async def _publish_after(self, partition: Partition, outbox: Outbox | None) -> None:
         """Publishing overlaps the next batch's transaction: at most one batch of a partition is in
         flight to the broker, so replies keep their partition's order batch by batch."""
-        previous = self._inflight.get(partition)
-        if previous is not None:
-            await previous
-        self._inflight[partition] = asyncio.create_task(self._publish(partition, outbox))
+        if partition.publishing is not None:
+            await partition.publishing
+        partition.publishing = asyncio.create_task(self._publish(partition, outbox))
 
-    def _skipped_ahead(self, partition: int, batch: list[Parsed]) -> bool:
+    def _skipped_ahead(self, partition: Partition, batch: list[Parsed]) -> bool:
         """True when the batch starts past the stored position: some records were never decided.
 
         The consumer is sought back once. If it again starts at the same place, the gap is real
         (a transaction's marker takes an offset of its own) and the batch is decided.
         """
-        seen = self._seen.get(partition)
-        first = next((p.record.offset for p in batch if seen is not None and p.record.offset >= seen), None)
-        if seen is None or first is None or first == seen or self._rewound.get(partition) == seen:
+        seen = partition.decided_offset
+        first = next((p.record.offset for p in batch if p.record.offset >= seen), None)
+        if first is None or first == seen or partition.rewound_to == seen:
             return False
-        log.warning("partition %d: batch starts at %d, stored position is %d; seeking back", partition, first, seen)
-        self._rewound[partition] = seen
+        log.warning("partition %d: batch starts at %d, stored position is %d; seeking back",
+                    partition.number, first, seen)  # fmt: skip
+        partition.rewound_to = seen
         consumer = self._consumer()
         if consumer is not None:
-            consumer.seek(TopicPartition(self._topics.commands, partition), seen)
+            consumer.seek(TopicPartition(self._topics.commands, partition.number), seen)
         return True
 
-    async def _publish(self, partition: int, outbox: Outbox | None) -> None:
+    async def _publish(self, partition: Partition, outbox: Outbox | None) -> None:
         """After the commit. A failure loses nothing: the row stays in the outbox until published."""
         if outbox is None:
-            if partition not in self._applying:
+            if not partition.applying:
                 await self._tidy(partition)
             return
         count = len(outbox.records)
@@ -276,13 +394,13 @@ class Processor:
             await self._publisher.publish(outbox.records)
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
             # Until deleted, a crash only means the row is published again (at least once).
-            self._published.setdefault(partition, []).append(outbox.position)
+            partition.acknowledged.append(outbox.position)
         except INFRA_ERRORS as error:
-            log.warning("partition %d: publishing %d records failed (%r)", partition, count, error)
-            self._unpublished.add(partition)
+            log.warning("partition %d: publishing %d records failed (%r)", partition.number, count, error)
+            partition.phase = Phase.CLAIMED  # its outbox is published again before its next batch
         finally:
             metrics.OUTBOX_BACKLOG.dec(count)
-        if partition not in self._applying:
+        if not partition.applying:
             await self._tidy(partition)
 
     # --- database outages ------------------------------------------------------------------------
@@ -322,9 +440,7 @@ class Processor:
                 try:
                     for tp in sorted(consumer.assignment()):
                         if tp.topic == self._topics.commands:
-                            self._seen[tp.partition] = await self._store.claim(tp.topic, tp.partition)
-                            self._unpublished.add(tp.partition)  # its outbox is published first
-                            consumer.seek(tp, self._seen[tp.partition])
+                            await self._claim(consumer, tp.partition)  # its outbox is published first
                 except (*INFRA_ERRORS, IllegalStateError) as error:  # unreachable, or a partition just lost
                     metrics.HEALTH.last_error = f"database: {error!r}"
                     log.debug("database probe failed: %r", error)
@@ -344,11 +460,11 @@ class Processor:
             metrics.PAUSED_PARTITIONS.set(0)
         log.warning("database answers again after %.1f s: partitions resumed", away_s)
 
-    def _seek(self, consumer: AIOKafkaConsumer, partition: int, offset: int) -> None:
+    def _seek(self, consumer: AIOKafkaConsumer, partition: Partition, offset: int) -> None:
         try:
-            consumer.seek(TopicPartition(self._topics.commands, partition), offset)
+            consumer.seek(TopicPartition(self._topics.commands, partition.number), offset)
         except IllegalStateError:
-            self._seen.pop(partition, None)  # no longer ours
+            self._partitions.pop(partition.number, None)  # no longer ours
 
     def refresh_lag(self) -> None:
         """Per owned partition: records in the log not yet decided (high watermark − stored offset)."""
@@ -356,30 +472,23 @@ class Processor:
         metrics.CONSUMER_LAG.clear()
         if consumer is None:
             return
-        assigned = consumer.assignment()  # a partition just revoked may still be in _seen
-        for partition, next_offset in list(self._seen.items()):
-            tp = TopicPartition(self._topics.commands, partition)
+        assigned = consumer.assignment()  # a partition just revoked may still be listed
+        for partition in list(self._partitions.values()):
+            tp = TopicPartition(self._topics.commands, partition.number)
             if tp not in assigned:
                 continue
             highwater = consumer.highwater(tp)
             if highwater is not None:
-                metrics.CONSUMER_LAG.labels(str(partition)).set(max(highwater - next_offset, 0))
+                metrics.CONSUMER_LAG.labels(str(partition.number)).set(max(highwater - partition.next_offset, 0))
 
-    async def _resume_from_store(self, partition: int) -> None:
+    async def _resume_from_store(self, partition: Partition) -> None:
         """Seek back to the stored position, so that what was not committed comes again."""
-        consumer = self._consumer()
         try:
-            next_offset = await self._store.claim(self._topics.commands, partition)
+            partition.next_offset = await self._store.claim(self._topics.commands, partition.number)
         except INFRA_ERRORS as error:
-            log.warning("partition %d: cannot read its position (%r)", partition, error)
-            next_offset = self._seen.get(partition)
-        if next_offset is None or partition not in self._seen or consumer is None:
-            return
-        self._seen[partition] = next_offset
-        try:
-            consumer.seek(TopicPartition(self._topics.commands, partition), next_offset)
-        except IllegalStateError:
-            self._seen.pop(partition, None)  # no longer ours
+            log.warning("partition %d: cannot read its position (%r)", partition.number, error)
+        if self._partitions.get(partition.number) is partition:
+            self._start_over(partition)
 
 
 class Rebalance(ConsumerRebalanceListener):
@@ -396,11 +505,12 @@ class Rebalance(ConsumerRebalanceListener):
         await self._processor.assigned(sorted(tp.partition for tp in assigned if tp.topic == self._topic))
 
 
-def _stop_if_failed(probe: asyncio.Task[None]) -> None:
-    """A probe that died of anything but a retried fault would leave the partitions paused forever:
-    a bug, so the worker stops (the supervisor or the operator starts it again)."""
-    if not probe.cancelled() and probe.exception() is not None:
-        log.critical("stopping the worker: the database probe failed", exc_info=probe.exception())
+def _stop_if_failed(task: asyncio.Task[None]) -> None:
+    """A commit or a probe that died of anything but a retried fault is a bug (a commit the
+    database refused, partitions left paused for ever): the worker stops, and the supervisor or
+    the operator starts it again. Nothing is lost: the stored positions say where to resume."""
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("stopping the worker: %s failed", task.get_coro().__qualname__, exc_info=task.exception())
         os.kill(os.getpid(), signal.SIGTERM)
 
 

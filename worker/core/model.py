@@ -205,8 +205,10 @@ class Decision(Struct, frozen=True, gc=False):
 class PartitionState:
     """What the core needs of a partition before deciding a batch of it.
 
-    The shell loads it in the batch's transaction; `decide_batch` updates it in place as it goes,
-    so that a later command of the batch sees the effect of an earlier one.
+    The shell fills it in the batch's transaction with what the batch names; `decide_batch`
+    updates it in place as it goes, so that a later command of the batch sees the effect of an
+    earlier one. The worker carries it to the partition's next batch (wallets and holds; see
+    `worker/decider.py`), so that it need not read them again.
     """
 
     partition: int

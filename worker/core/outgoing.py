@@ -11,7 +11,7 @@ JSON_HEADER = ("content-type", b"application/json")
 _encode = Encoder().encode  # UTF-8 out, like json.dumps(ensure_ascii=False); 15× faster
 
 
-class Outgoing(Struct, frozen=True, gc=False):
+class Outgoing(Struct, frozen=True, gc=False, array_like=True):
     topic: str
     partition: int | None  # None: placed by key, murmur2 like every other client
     key: bytes | None

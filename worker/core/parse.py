@@ -23,6 +23,7 @@ from msgspec.json import Decoder
 from worker.core.auth import AUTH_HEADER, credentials
 from worker.core.codes import SAFE_INTEGER_MAX, Op
 from worker.core.model import Command, Invalid, Parsed, Record, ReplyAddress, Usage
+from worker.core.placement import partition_of
 
 VALUE_SIZE_MAX_BYTES = 16 * 1024
 MEMO_LENGTH_MAX_CHARS = 256
@@ -67,16 +68,21 @@ class _Malformed(Exception):
         self.problem = problem
 
 
-def parse(record: Record, forbidden_reply_topics: Collection[str]) -> Parsed:
-    """Parse one record. Never raises for bad input: every problem becomes an `Invalid`."""
-    parsed = _well_formed(record, forbidden_reply_topics)
-    return parsed if parsed is not None else parse_thorough(record, forbidden_reply_topics)
+def parse(record: Record, forbidden_reply_topics: Collection[str], partitions: int | None = None) -> Parsed:
+    """Parse one record. Never raises for bad input: every problem becomes an `Invalid`.
+
+    With `partitions` (the commands topic's partition count), a record that is not on the
+    partition Kafka's default partitioner picks for its key is refused (D33): a wallet's commands
+    must all reach the one writer of its partition.
+    """
+    parsed = _well_formed(record, forbidden_reply_topics, partitions)
+    return parsed if parsed is not None else parse_thorough(record, forbidden_reply_topics, partitions)
 
 
-def parse_thorough(record: Record, forbidden_reply_topics: Iterable[str]) -> Parsed:
+def parse_thorough(record: Record, forbidden_reply_topics: Iterable[str], partitions: int | None = None) -> Parsed:
     """Parse one record field by field, naming what is wrong. Never raises for bad input."""
     reply_address, address_problem = _reply_address(record, frozenset(forbidden_reply_topics))
-    command = _command(record)
+    command = _command(record, partitions)
     signed = credentials(record)
     if address_problem is not None:
         # A broken reply address is a 422 of its own, whatever the value says.
@@ -129,7 +135,7 @@ _good_id = ID_PATTERN.fullmatch
 _QUOTE = ord('"')
 
 
-def _well_formed(record: Record, forbidden: Collection[str]) -> Parsed | None:
+def _well_formed(record: Record, forbidden: Collection[str], partitions: int | None) -> Parsed | None:
     """The record as a `Parsed` when it is a well-formed command with a usable (or no) reply
     address; None whenever anything is unusual, for `parse_thorough` to decide."""
     value = record.value
@@ -161,7 +167,8 @@ def _well_formed(record: Record, forbidden: Collection[str]) -> Parsed | None:
     command_id, wallet = wire.id, wire.wallet
     if not _good_id(command_id) or (wallet not in _good_wallets and not _remember(wallet, _good_id, _good_wallets)):
         return None
-    if record.key != wallet.encode():
+    key = record.key
+    if key != wallet.encode() or (partitions is not None and partition_of(key, partitions) != record.partition):
         return None
     amount, usage, floor, hold, ttl_ms, memo = wire.amount, wire.usage, wire.floor, wire.hold, wire.ttl_ms, wire.memo
     given = set()
@@ -301,7 +308,7 @@ def _text(value: bytes | None) -> str | None:
 # --- value ----------------------------------------------------------------------------------
 
 
-def _command(record: Record) -> Command | Invalid:
+def _command(record: Record, partitions: int | None) -> Command | Invalid:
     try:
         fields = _json_object(record.value)
     except _Malformed as error:
@@ -314,6 +321,9 @@ def _command(record: Record) -> Command | Invalid:
             raise _Malformed(partition_problem.field, partition_problem.problem)
         if record.key is None or _text(record.key) != command.wallet:
             raise _Malformed("key", "the record key must equal wallet")
+        if partitions is not None and (placed := partition_of(record.key, partitions)) != record.partition:
+            raise _Malformed("key", f"the record is on partition {record.partition}; Kafka's default partitioner "
+                                    f"(murmur2) places this key on partition {placed}")  # fmt: skip
     except _Malformed as error:
         return Invalid(error.field, error.problem, **echo)
     return command

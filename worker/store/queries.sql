@@ -9,28 +9,36 @@ ON CONFLICT (topic, partition) DO NOTHING;
 -- name: partition_position
 SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2;
 
+-- name: partition_positions_of
+SELECT partition, next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = ANY($2::integer[]);
+
 -- name: lock_partitions
 SELECT partition, next_offset, clock_ms FROM partitions
 WHERE topic = $1 AND partition = ANY($2::integer[])
 ORDER BY partition FOR UPDATE;
 
--- name: advance_partition
-UPDATE partitions SET next_offset = $4, clock_ms = $5
-WHERE topic = $1 AND partition = $2 AND next_offset = $3;
+-- name: advance_partitions
+-- Each from the offset this worker saw (its rows are locked by the batch): where its batch ends.
+UPDATE partitions AS p SET next_offset = a.next_offset, clock_ms = a.clock_ms
+FROM unnest($2::text::integer[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
+    AS a (partition, seen_offset, next_offset, clock_ms)
+WHERE p.topic = $1 AND p.partition = a.partition AND p.next_offset = a.seen_offset;
+
+-- Lists of ids and integers come as one text parameter each, in array syntax (worker/store/rows.py).
 
 -- name: load_wallets
 SELECT wallet, balance, reserved, floor, seq, partition
-FROM wallets WHERE wallet = ANY($1::text[]);
+FROM wallets WHERE wallet = ANY($1::text::text[]);
 
 -- name: load_decisions
 SELECT d.wallet, d.id, d.fingerprint, d.reply
 FROM decisions AS d
-JOIN unnest($1::text[], $2::text[]) AS k (wallet, id) ON d.wallet = k.wallet AND d.id = k.id;
+JOIN unnest($1::text::text[], $2::text::text[]) AS k (wallet, id) ON d.wallet = k.wallet AND d.id = k.id;
 
 -- name: insert_wallets
 INSERT INTO wallets (wallet, balance, reserved, floor, seq, partition)
 SELECT wallet, 0, 0, floor, 1, partition
-FROM unnest($1::text[], $2::bigint[], $3::integer[]) AS n (wallet, floor, partition);
+FROM unnest($1::text::text[], $2::text::bigint[], $3::text::integer[]) AS n (wallet, floor, partition);
 
 -- name: apply_wallets
 -- The guarded statement: check and move in the same breath. A row whose move would take it
@@ -39,31 +47,18 @@ UPDATE wallets AS w
 SET balance = w.balance + n.balance_delta,
     reserved = w.reserved + n.reserved_delta,
     seq = n.seq
-FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+FROM unnest($1::text::text[], $2::text::bigint[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
     AS n (wallet, balance_delta, reserved_delta, seq_before, seq)
 WHERE w.wallet = n.wallet
   AND w.seq = n.seq_before
   AND w.balance + n.balance_delta - (w.reserved + n.reserved_delta) >= w.floor;
 
--- name: insert_decisions
-INSERT INTO decisions (
-    wallet, id, seq, op, status, error, amount, balance, reserved, at_ms, fingerprint, memo,
-    partition, "offset", reply
-)
-SELECT * FROM unnest(
-    $1::text[], $2::text[], $3::bigint[], $4::text[], $5::smallint[], $6::text[], $7::bigint[],
-    $8::bigint[], $9::bigint[], $10::bigint[], $11::text[], $12::text[], $13::integer[],
-    $14::bigint[], $15::text[]
-);
-
 -- name: insert_outbox
-INSERT INTO outbox (source_topic, source_partition, topics, partitions, keys, "values", headers)
-VALUES ($1, $2, $3::text[], $4::integer[], $5::bytea[], $6::bytea[], $7::text[])
+INSERT INTO outbox (source_topic, source_partition, records) VALUES ($1, $2, $3)
 RETURNING position;
 
 -- name: outbox_of_partition
-SELECT position, topics, partitions, keys, "values", headers
-FROM outbox WHERE source_topic = $1 AND source_partition = $2
+SELECT position, records FROM outbox WHERE source_topic = $1 AND source_partition = $2
 ORDER BY position;
 
 -- name: delete_outbox
@@ -90,11 +85,12 @@ INSERT INTO schema_migrations (version) VALUES ($1);
 -- name: load_holds
 SELECT h.wallet, h.hold, h.amount, h.expires_at_ms, h.open, h.partition
 FROM holds AS h
-JOIN unnest($1::text[], $2::text[]) AS k (wallet, hold) ON h.wallet = k.wallet AND h.hold = k.hold;
+JOIN unnest($1::text::text[], $2::text::text[]) AS k (wallet, hold) ON h.wallet = k.wallet AND h.hold = k.hold;
 
 -- name: upsert_holds
 INSERT INTO holds (wallet, hold, amount, expires_at_ms, open, partition)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::boolean[], $6::integer[])
+SELECT * FROM unnest($1::text::text[], $2::text::text[], $3::text::bigint[], $4::text::bigint[],
+                     $5::text::boolean[], $6::text::integer[])
 ON CONFLICT (wallet, hold) DO UPDATE
 SET amount = excluded.amount, expires_at_ms = excluded.expires_at_ms, open = excluded.open;
 
@@ -194,8 +190,9 @@ ON CONFLICT DO NOTHING;
 SELECT NOT EXISTS (SELECT 1 FROM wallets) AND NOT EXISTS (SELECT 1 FROM partitions);
 
 -- name: auth_version
--- Read in every batch transaction after its partition rows are locked: a key change (which locks
--- the partitions table until it commits) is then wholly before the batch or wholly after it.
+-- Read when a batch is decided, and again in its transaction after its partition rows are locked:
+-- a key change (which locks the partitions table until it commits) is then wholly before the
+-- batch or wholly after it, and a batch decided under an older version is decided again.
 SELECT version, master_check FROM auth_settings;
 
 -- name: auth_modes

@@ -1,19 +1,23 @@
-"""The ledger's PostgreSQL side: one transaction per fetched batch, each partition fenced by its stored offset."""
+"""The ledger's PostgreSQL side: what a batch reads and writes, each statement set-based.
+
+`worker/decider.py` puts them together into one transaction per batch (lock, load, decide, write);
+this module knows the tables and the statements, not the order of a batch.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 
 import asyncpg
 
 from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
-from worker.core.decide import decide_batch
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
 from worker.store.queries import QUERIES
-from worker.store.rows import decision_columns, outbox_columns, outbox_records
+from worker.store.rows import DECISION_COLUMNS, bool_array, decision_rows, decode_records, encode_records, id_array, int_array
 
 # A decision's encoded reply, and the records it sends (reply or dead letter, event).
 Render = Callable[[Decision], tuple[bytes, list[Outgoing]]]
@@ -58,6 +62,10 @@ class PartitionBatch:
     partition: int
     seen_offset: int  # the next offset this worker last saw stored for the partition
     records: Sequence[Parsed]
+    # What the worker holds of the partition since it decided up to `seen_offset` (its last
+    # batch's state), or None: then whatever the batch needs is read from the database.
+    state: PartitionState | None = None
+    committing: bool = False  # the batch before this one may not be committed yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +73,27 @@ class Committed:
     next_offset: int
     decisions: list[Decision]
     outbox: Outbox | None  # what the batch sends, once committed; None: nothing
+    state: PartitionState | None = None  # the partition's state after the batch, valid at next_offset
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    next_offset: int
+    clock_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """What one partition's batch decided, to store: the wallets it named as it found them (None:
+    no such wallet) and as it leaves them, its decisions, and where the partition now stands."""
+
+    partition: int
+    seen_offset: int
+    next_offset: int
+    clock_ms: int
+    before: dict[str, Wallet | None]
+    after: dict[str, Wallet | None]
+    decisions: list[Decision]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,99 +143,90 @@ class Store:
             row = await connection.fetchrow(QUERIES["partition_position"], topic, partition)
         return int(row["next_offset"])
 
-    async def apply_batch(
-        self,
-        topic: str,
-        partition: int,
-        seen_offset: int,
-        batch: Sequence[Parsed],
-        render: Render,
-        published: Sequence[int] = (),
-    ) -> Committed:
-        """Decide and store a batch of one partition in one transaction (see `apply_batches`)."""
-        outcome = (await self.apply_batches(topic, [PartitionBatch(partition, seen_offset, batch)], render, published))[partition]
-        if isinstance(outcome, Fenced):
-            raise outcome
-        return outcome
+    def connection(self) -> AbstractAsyncContextManager[asyncpg.Connection]:
+        """A connection of the pool, each statement its own transaction."""
+        return self._pool.acquire()
 
-    async def apply_batches(
-        self,
-        topic: str,
-        batches: Sequence[PartitionBatch],
-        render: Render,
-        published: Sequence[int] = (),
-    ) -> dict[int, Committed | Fenced]:
-        """Decide and store the batches of several partitions in one transaction: one flush for all.
-
-        Each partition is decided on its own by the core, in offset order, exactly as alone.
-        Records below a partition's `seen_offset` were decided before and are skipped. A partition
-        whose stored offset moved away from its `seen_offset` (only another worker can have done
-        that) is left out and answered with `Fenced`; the others are committed. `published` names
-        outbox rows the broker has acknowledged since: they are deleted in the same transaction.
-        """
-        outcome: dict[int, Committed | Fenced] = {}
-        fresh: dict[int, tuple[int, list[Parsed]]] = {}
-        for batch in batches:
-            records = [parsed for parsed in batch.records if parsed.record.offset >= batch.seen_offset]
-            assert all(parsed.record.partition == batch.partition for parsed in records)
-            if records:
-                fresh[batch.partition] = (batch.seen_offset, records)
-            else:
-                outcome[batch.partition] = Committed(batch.seen_offset, [], None)
-        if not fresh:
-            await self.delete_outbox(published)
-            return outcome
-        if _wallets_shared(fresh):
-            # A wallet written from two partitions (a producer that chose partitions by hand) is
-            # decided partition by partition, so that each sees the other's writes.
-            for i, (partition, (seen, records)) in enumerate(fresh.items()):
-                one = await self.apply_batches(topic, [PartitionBatch(partition, seen, records)], render,
-                                               published if i == 0 else ())  # fmt: skip
-                outcome.update(one)
-            return outcome
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A connection of the pool inside one transaction: committed on leaving, rolled back on error."""
         async with self._pool.acquire() as connection, connection.transaction():
-            # Locked in partition order, so that two workers never wait on each other in a cycle.
-            rows = await connection.fetch(QUERIES["lock_partitions"], topic, sorted(fresh))
-            stored = {int(row["partition"]): row for row in rows}
-            owned: dict[int, tuple[int, list[Parsed], int]] = {}
-            for partition, (seen, records) in fresh.items():
-                row = stored.get(partition)
-                if row is None or row["next_offset"] != seen:
-                    outcome[partition] = Fenced(partition, -1 if row is None else int(row["next_offset"]))
-                else:
-                    owned[partition] = (seen, records, int(row["clock_ms"]))
-            states = await self._load(connection, {p: (clock, records) for p, (_, records, clock) in owned.items()})
-            authority = await self._authority(connection, [p for _, records, _ in owned.values() for p in records])
-            for state in states.values():
-                state.authority = authority
-            before = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
-            decided = {partition: decide_batch(states[partition], records) for partition, (_, records, _) in owned.items()}
-            after = {name: wallet for state in states.values() for name, wallet in state.wallets.items()}
-            every = [decision for decisions in decided.values() for decision in decisions]
-            await self._write_wallets(connection, before, after)
-            await self._write_holds(connection, [d.hold for d in every if d.stored and d.hold is not None])
-            outboxes = await self._write_decisions_and_outbox(connection, topic, decided, render)
-            if published:
-                await connection.execute(QUERIES["delete_outbox"], list(published))
-            advanced = [(topic, partition, seen, records[-1].record.offset + 1, states[partition].clock_ms)
-                        for partition, (seen, records, _) in owned.items()]  # fmt: skip
-            if advanced:
-                await connection.executemany(QUERIES["advance_partition"], advanced)  # the rows are locked above
-        for partition, (_, records, _) in owned.items():
-            outcome[partition] = Committed(records[-1].record.offset + 1, decided[partition], outboxes[partition])
-        return outcome
+            yield connection
 
-    async def _authority(self, connection: asyncpg.Connection, batch: Sequence[Parsed]) -> Authority | None:
-        """The auth modes and the keys the batch names, as committed before this transaction
-        locked its partitions. None while authentication has never been switched on."""
-        version = await connection.fetchval(QUERIES["auth_version"])
+    async def positions(self, connection: asyncpg.Connection, topic: str, partitions: Sequence[int]) -> dict[int, Position]:
+        """Where each partition stands, as committed (no lock)."""
+        rows = await connection.fetch(QUERIES["partition_positions_of"], topic, sorted(partitions))
+        return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
+
+    async def lock(self, connection: asyncpg.Connection, topic: str, partitions: Sequence[int]) -> dict[int, Position]:
+        """Lock the partitions' rows, in partition order (so that two workers never wait on each
+        other in a cycle), and return where each stands. A partition missing here was never claimed."""
+        rows = await connection.fetch(QUERIES["lock_partitions"], topic, sorted(partitions))
+        return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
+
+    async def load(self, connection: asyncpg.Connection, states: dict[int, PartitionState],
+                   batches: dict[int, Sequence[Parsed]]) -> None:  # fmt: skip
+        """Fill each partition's state with what its batch names and the state lacks: wallets and
+        holds (a state carried over from the last batch has most of them), every earlier decision
+        under the batch's (wallet, id) pairs, and the prices of the models it names."""
+        owner: dict[str, int] = {}
+        pairs: list[tuple[str, str]] = []
+        holds: list[tuple[str, str]] = []
+        models: dict[int, set[str]] = {}
+        missing: list[str] = []
+        for partition, batch in batches.items():
+            state = states[partition]
+            known_wallets, known_holds = state.wallets, state.holds
+            for parsed in batch:
+                command = parsed.command
+                if command.__class__ is not Command:
+                    continue
+                wallet = command.wallet
+                if wallet not in owner:
+                    owner[wallet] = partition
+                    if wallet not in known_wallets:
+                        missing.append(wallet)
+                pairs.append((wallet, command.id))
+                if command.hold is not None and (wallet, command.hold) not in known_holds:
+                    holds.append((wallet, command.hold))
+                if command.usage is not None:
+                    models.setdefault(partition, set()).add(command.usage.model)
+        if not owner:
+            return
+        if missing:
+            for row in await connection.fetch(QUERIES["load_wallets"], id_array(missing)):
+                states[owner[row[0]]].wallets[row[0]] = Wallet(*row)
+        wallets, ids = zip(*pairs, strict=True)
+        rows = await connection.fetch(QUERIES["load_decisions"], id_array(wallets), id_array(ids))
+        for wallet, id_, fingerprint, reply in rows:
+            states[owner[wallet]].decisions[(wallet, id_)] = StoredDecision(fingerprint, json.loads(reply))
+        if holds:
+            wallets, named = zip(*holds, strict=True)
+            for row in await connection.fetch(QUERIES["load_holds"], id_array(wallets), id_array(named)):
+                states[owner[row[0]]].holds[(row[0], row[1])] = Hold(*row)
+        wanted = sorted(set().union(*models.values()))
+        if wanted:
+            prices: dict[str, list[Price]] = {}
+            for row in await connection.fetch(QUERIES["load_prices"], wanted):
+                prices.setdefault(row["model"], []).append(Price(*row))
+            for partition, names in models.items():
+                states[partition].prices.update({name: prices[name] for name in names if name in prices})
+
+    async def auth_version(self, connection: asyncpg.Connection) -> int:
+        """Moves with every change of keys or modes (docs/security.md)."""
+        return int(await connection.fetchval(QUERIES["auth_version"]))
+
+    async def authority(self, connection: asyncpg.Connection, batch: Iterable[Parsed]) -> tuple[int, Authority | None]:
+        """The auth state's version, and the auth modes and the keys the batch names at that
+        version; no authority while authentication has never been switched on."""
+        version = await self.auth_version(connection)
         if version != self._auth_version:
             rows = await connection.fetch(QUERIES["auth_modes"])
             self._auth_modes = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows)
             self._auth_keys.clear()
             self._auth_version = version
         if not self._auth_modes:
-            return None
+            return version, None
         named = {parsed.credentials.key_id for parsed in batch if isinstance(parsed.credentials, Credentials)}
         missing = sorted(named - self._auth_keys.keys())
         if missing:
@@ -216,105 +236,75 @@ class Store:
             for row in await connection.fetch(QUERIES["auth_keys_named"], missing):
                 self._auth_keys[row["key_id"]] = _key(row)
         keys = {key_id: key for key_id in named if (key := self._auth_keys.get(key_id)) is not None}
-        return Authority(self._auth_modes, keys, self._secret_of)
+        return version, Authority(self._auth_modes, keys, self._secret_of)
 
-    async def _load(
-        self, connection: asyncpg.Connection, batches: dict[int, tuple[int, Sequence[Parsed]]]
-    ) -> dict[int, PartitionState]:
-        """Each partition's state for its batch: the wallets, decisions, holds and prices it names."""
-        states = {partition: PartitionState(partition, clock_ms) for partition, (clock_ms, _) in batches.items()}
-        keys = {partition: {(p.command.wallet, p.command.id) for p in batch if not _invalid(p)}
-                for partition, (_, batch) in batches.items()}  # fmt: skip
-        commands = {partition: [p.command for p in batch if isinstance(p.command, Command)]
-                    for partition, (_, batch) in batches.items()}  # fmt: skip
-        owner = {wallet: partition for partition, pairs in keys.items() for wallet, _ in pairs}
-        if not owner:
-            return states
-        for row in await connection.fetch(QUERIES["load_wallets"], sorted(owner)):
-            states[owner[row["wallet"]]].wallets[row["wallet"]] = Wallet(**dict(row))
-        pairs = sorted(pair for partition_pairs in keys.values() for pair in partition_pairs)
-        rows = await connection.fetch(QUERIES["load_decisions"], [wallet for wallet, _ in pairs], [id_ for _, id_ in pairs])
-        for row in rows:
-            stored = StoredDecision(row["fingerprint"], json.loads(row["reply"]))
-            states[owner[row["wallet"]]].decisions[(row["wallet"], row["id"])] = stored
-        holds = sorted({(c.wallet, c.hold) for batch in commands.values() for c in batch if c.hold is not None})
-        if holds:
-            rows = await connection.fetch(QUERIES["load_holds"], [w for w, _ in holds], [h for _, h in holds])
-            for row in rows:
-                states[owner[row["wallet"]]].holds[(row["wallet"], row["hold"])] = Hold(**dict(row))
-        models = {partition: {c.usage.model for c in batch if c.usage is not None} for partition, batch in commands.items()}
-        wanted = sorted(set().union(*models.values()))
-        if wanted:
-            prices: dict[str, list[Price]] = {}
-            for row in await connection.fetch(QUERIES["load_prices"], wanted):
-                prices.setdefault(row["model"], []).append(Price(**dict(row)))
-            for partition, names in models.items():
-                states[partition].prices.update({name: prices[name] for name in names if name in prices})
-        return states
-
-    async def _write_wallets(
-        self, connection: asyncpg.Connection, before: dict[str, Wallet], after: dict[str, Wallet]
-    ) -> None:
-        opened = [wallet for name, wallet in after.items() if name not in before]
+    async def write(self, connection: asyncpg.Connection, topic: str, writes: Sequence[Write], render: Render,
+                    published: Sequence[int]) -> dict[int, Outbox | None]:  # fmt: skip
+        """Store what the batches decided: wallets through the guarded statement, holds, decisions,
+        one outbox row per partition; delete the acknowledged outbox rows; advance each partition
+        from the offset this worker saw to the one after its batch. Returns each partition's outbox."""
+        opened: list[Wallet] = []
+        moved: list[tuple[Wallet, Wallet]] = []  # (as the batch found it, as it leaves it)
+        holds: dict[tuple[str, str], Hold] = {}  # a batch may change one hold twice: the last counts
+        for write in writes:
+            for name, before in write.before.items():
+                after = write.after[name]
+                if before is None:
+                    if after is not None:
+                        opened.append(after)
+                        if after != (start := _opening(after)):
+                            moved.append((start, after))
+                elif after != before:
+                    moved.append((before, after))
+            for decision in write.decisions:
+                if decision.stored and decision.hold is not None:
+                    holds[(decision.hold.wallet, decision.hold.hold)] = decision.hold
         if opened:
-            await connection.execute(
-                QUERIES["insert_wallets"],
-                [w.wallet for w in opened],
-                [w.floor for w in opened],
-                [w.partition for w in opened],
-            )
-        # Every wallet that moved past its opening state goes through the guarded statement,
-        # measured from the state the core decided on.
-        start = {**before, **{w.wallet: _opening(w) for w in opened}}
-        moved = [w for name, w in after.items() if w != start[name]]
-        if not moved:
-            return
-        status = await connection.execute(
-            QUERIES["apply_wallets"],
-            [w.wallet for w in moved],
-            [w.balance - start[w.wallet].balance for w in moved],
-            [w.reserved - start[w.wallet].reserved for w in moved],
-            [start[w.wallet].seq for w in moved],
-            [w.seq for w in moved],
-        )
-        if status != f"UPDATE {len(moved)}":
-            raise GuardRefused(f"guarded update changed {status!r} of {len(moved)} wallets")
-
-    async def _write_holds(self, connection: asyncpg.Connection, holds: list[Hold]) -> None:
-        latest = {(h.wallet, h.hold): h for h in holds}  # a batch may change one hold twice
-        if not latest:
-            return
-        await connection.execute(
-            QUERIES["upsert_holds"],
-            [h.wallet for h in latest.values()],
-            [h.hold for h in latest.values()],
-            [h.amount for h in latest.values()],
-            [h.expires_at_ms for h in latest.values()],
-            [h.open for h in latest.values()],
-            [h.partition for h in latest.values()],
-        )
+            await connection.execute(QUERIES["insert_wallets"], id_array([w.wallet for w in opened]),
+                                     int_array(w.floor for w in opened), int_array(w.partition for w in opened))  # fmt: skip
+        if moved:
+            status = await connection.execute(
+                QUERIES["apply_wallets"], id_array([a.wallet for _, a in moved]),
+                int_array(a.balance - b.balance for b, a in moved), int_array(a.reserved - b.reserved for b, a in moved),
+                int_array(b.seq for b, _ in moved), int_array(a.seq for _, a in moved))  # fmt: skip
+            if status != f"UPDATE {len(moved)}":
+                raise GuardRefused(f"guarded update changed {status!r} of {len(moved)} wallets")
+        if holds:
+            latest = list(holds.values())
+            await connection.execute(QUERIES["upsert_holds"], id_array([h.wallet for h in latest]),
+                                     id_array([h.hold for h in latest]), int_array(h.amount for h in latest),
+                                     int_array(h.expires_at_ms for h in latest), bool_array(h.open for h in latest),
+                                     int_array(h.partition for h in latest))  # fmt: skip
+        outboxes = await self._write_decisions_and_outbox(connection, topic, writes, render)
+        if published:
+            await connection.execute(QUERIES["delete_outbox"], list(published))
+        await connection.execute(QUERIES["advance_partitions"], topic, int_array(w.partition for w in writes),
+                                 int_array(w.seen_offset for w in writes), int_array(w.next_offset for w in writes),
+                                 int_array(w.clock_ms for w in writes))  # fmt: skip
+        return outboxes
 
     async def _write_decisions_and_outbox(
-        self, connection: asyncpg.Connection, topic: str, decided: dict[int, list[Decision]], render: Render
+        self, connection: asyncpg.Connection, topic: str, writes: Sequence[Write], render: Render
     ) -> dict[int, Outbox | None]:
         """The stored decisions (each with its reply, encoded once) and one outbox row per partition."""
         stored: list[Decision] = []
         replies: list[bytes] = []
         sends: dict[int, list[Outgoing]] = {}
-        for partition, decisions in decided.items():
-            records = sends[partition] = []
-            for decision in decisions:
+        for write in writes:
+            records = sends[write.partition] = []
+            for decision in write.decisions:
                 encoded, outgoing = render(decision)
                 records += outgoing
                 if decision.stored:
                     stored.append(decision)
                     replies.append(encoded)
         if stored:
-            await connection.execute(QUERIES["insert_decisions"], *decision_columns(stored, replies))
-        outboxes: dict[int, Outbox | None] = {partition: None for partition in decided}
+            await connection.copy_records_to_table("decisions", records=decision_rows(stored, replies),
+                                                   columns=DECISION_COLUMNS)  # fmt: skip
+        outboxes: dict[int, Outbox | None] = {partition: None for partition in sends}
         for partition, records in sends.items():
             if records:
-                position = await connection.fetchval(QUERIES["insert_outbox"], topic, partition, *outbox_columns(records))
+                position = await connection.fetchval(QUERIES["insert_outbox"], topic, partition, encode_records(records))
                 outboxes[partition] = Outbox(int(position), records)
         return outboxes
 
@@ -322,7 +312,7 @@ class Store:
         """What an earlier owner of the partition committed but may not have published, in order."""
         async with self._pool.acquire() as connection:
             rows = await connection.fetch(QUERIES["outbox_of_partition"], topic, partition)
-        return [Outbox(int(row["position"]), outbox_records(row)) for row in rows]
+        return [Outbox(int(row["position"]), decode_records(row["records"])) for row in rows]
 
     async def delete_outbox(self, positions: Sequence[int]) -> None:
         if positions:
@@ -357,10 +347,6 @@ class Store:
         return None if row is None else Wallet(**dict(row))
 
 
-def _invalid(parsed: Parsed) -> bool:
-    return not isinstance(parsed.command, Command)
-
-
 def _opening(wallet: Wallet) -> Wallet:
     return Wallet(wallet.wallet, 0, 0, wallet.floor, 1, wallet.partition)
 
@@ -368,15 +354,3 @@ def _opening(wallet: Wallet) -> Wallet:
 def _key(row: asyncpg.Record) -> Key:
     return Key(row["key_id"], Scope(row["scope"]), row["wallet"], int(row["valid_from_ms"]),
                None if row["revoked_at_ms"] is None else int(row["revoked_at_ms"]))  # fmt: skip
-
-
-def _wallets_shared(batches: dict[int, tuple[int, list[Parsed]]]) -> bool:
-    """True when some wallet is named by the batches of two partitions."""
-    seen: set[str] = set()
-    for _, records in batches.values():
-        names = {p.command.wallet for p in records if not _invalid(p)}
-        if names & seen:
-            return True
-        seen |= names
-    return False
-
