@@ -521,9 +521,13 @@ def _count(decisions) -> None:
 
 
 def record_of(raw: ConsumerRecord) -> Record:
-    headers = tuple((name if name.isascii() else _utf8(name), value if isinstance(value, bytes) else b"")
-                    for name, value in raw.headers or ())  # fmt: skip
-    return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, headers)
+    headers = raw.headers or ()
+    for name, value in headers:
+        if value.__class__ is not bytes or not name.isascii():  # rare: normalized once, here
+            headers = tuple((name if name.isascii() else _utf8(name), value if isinstance(value, bytes) else b"")
+                            for name, value in headers)  # fmt: skip
+            break
+    return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, tuple(headers))
 
 
 def _utf8(name: str) -> str:

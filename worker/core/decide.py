@@ -39,7 +39,8 @@ PRICE_DIVISOR_TOKENS = 1_000_000  # prices are per million tokens
 
 
 class Effect(Struct, frozen=True, gc=False):
-    """An accepted command's result: the wallet after, the hold after (if any), the amount."""
+    """An accepted command's result: the wallet after (its seq not yet moved), the hold after (if
+    any), the amount."""
 
     wallet: Wallet
     hold: Hold | None
@@ -150,12 +151,13 @@ def _stored(parsed: Parsed, command: Command, wallet: Wallet, outcome: Effect | 
             at_ms: int) -> Decision:  # fmt: skip
     """A stored decision on an existing wallet: accepted or refused, it takes the next seq."""
     seq = wallet.seq + 1
-    if isinstance(outcome, ErrorCode):
+    if outcome.__class__ is ErrorCode:
         after = replace(wallet, seq=seq)
         reply = _reply_base(command.id, command.wallet, command.op.value, at_ms)
         refusal = {**_refused(_with_wallet(reply, after), outcome, _MESSAGES[outcome]), "seq": seq}
         return Decision(parsed, refusal, True, after, None, fingerprint, command.memo, at_ms)
-    after = replace(outcome.wallet, seq=seq)
+    moved = outcome.wallet
+    after = Wallet(moved.wallet, moved.balance, moved.reserved, moved.floor, seq, moved.partition)
     _assert_invariant(after)
     accepted = _accepted(command, after, at_ms)
     accepted["amount"] = outcome.amount
@@ -180,9 +182,10 @@ def _effect(command: Command, amount: int | None, wallet: Wallet, hold: Hold | N
             return Effect(replace(wallet, balance=balance), None, amount)
         case Op.CHARGE:
             assert amount is not None and amount >= 0
-            if amount > wallet.available:
+            balance = wallet.balance
+            if amount > balance - wallet.reserved - wallet.floor:
                 return ErrorCode.INSUFFICIENT_FUNDS
-            return Effect(replace(wallet, balance=wallet.balance - amount), None, amount)
+            return Effect(replace(wallet, balance=balance - amount), None, amount)
         case Op.RESERVE:
             assert amount is not None
             if amount > wallet.available:
@@ -250,9 +253,9 @@ _MESSAGES = {
 
 def _assert_invariant(wallet: Wallet) -> None:
     """A bug, not a refusal: the process stops rather than write a state past the floor."""
-    assert wallet.balance - wallet.reserved >= wallet.floor, wallet
-    assert wallet.reserved >= 0 and wallet.floor <= 0, wallet
-    assert abs(wallet.balance) <= SAFE_INTEGER_MAX and wallet.available <= SAFE_INTEGER_MAX, wallet
+    balance, reserved, floor = wallet.balance, wallet.reserved, wallet.floor
+    assert balance - reserved >= floor and reserved >= 0 and floor <= 0, wallet
+    assert -SAFE_INTEGER_MAX <= balance <= SAFE_INTEGER_MAX and balance - reserved - floor <= SAFE_INTEGER_MAX, wallet
 
 
 def _accepted(command: Command, after: Wallet, at_ms: int) -> Reply:

@@ -42,7 +42,7 @@ class ReplyAddress(Struct, frozen=True, gc=False):
 TTL_DEFAULT_MS = 300_000
 
 
-class Usage(Struct, frozen=True, gc=False):
+class Usage(Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Tokens a model call used (or is estimated to use), priced by the price table."""
 
     model: str
@@ -50,8 +50,12 @@ class Usage(Struct, frozen=True, gc=False):
     output_tokens: int
 
 
-class Command(Struct, frozen=True, gc=False):
-    """A well-formed command. Fields an op does not take are None."""
+class Command(Struct, frozen=True, gc=False, forbid_unknown_fields=True):
+    """A well-formed command. Fields an op does not take are None.
+
+    `parse` decodes a command's JSON straight into this type (msgspec, checking types as it goes),
+    then checks what types cannot say: which fields the op takes, ranges, patterns.
+    """
 
     op: Op
     id: str
@@ -62,6 +66,7 @@ class Command(Struct, frozen=True, gc=False):
     hold: str | None = None
     ttl_ms: int | None = None
     memo: str | None = None
+    v: int = 1  # the contract version the command was written for
 
     def request(self) -> dict[str, Any]:
         """The request as idempotency compares it: every field but memo, defaults applied."""
@@ -86,6 +91,10 @@ class Command(Struct, frozen=True, gc=False):
         hand: five times cheaper than `json.dumps(..., sort_keys=True)`, and equal to it (a test
         holds the two together). Ids, wallets and holds match the id pattern, so need no escaping."""
         op = self.op
+        if op is Op.CHARGE and self.amount is not None and self.usage is None and self.hold is None \
+                and self.ttl_ms is None:  # the common case, written in one go
+            canonical = f'{{"amount":{self.amount},"id":"{self.id}","op":"charge","v":1,"wallet":"{self.wallet}"}}'
+            return hashlib.sha256(canonical.encode()).hexdigest()
         parts = []
         if self.amount is not None:
             parts.append(f'"amount":{self.amount}')

@@ -17,7 +17,7 @@ import re
 from collections.abc import Callable, Collection, Iterable
 from typing import Any
 
-from msgspec import UNSET, DecodeError, Struct, UnsetType
+from msgspec import DecodeError
 from msgspec.json import Decoder
 
 from worker.core.auth import AUTH_HEADER, credentials
@@ -102,45 +102,33 @@ def _as_invalid(command: Command | Invalid, fallback: Invalid) -> Invalid:
 # --- the common case ----------------------------------------------------------------------------
 
 
-class _WireUsage(Struct, forbid_unknown_fields=True):
-    model: str
-    input_tokens: int
-    output_tokens: int
-
-
-class _Wire(Struct, forbid_unknown_fields=True):
-    """A command as msgspec decodes it: strict types (no bool for an int, no float, no null), no
-    unknown field. An absent optional field is UNSET, so that absent and null stay apart."""
-
-    v: int
-    op: str
-    id: str
-    wallet: str
-    amount: int | UnsetType = UNSET
-    usage: _WireUsage | UnsetType = UNSET
-    floor: int | UnsetType = UNSET
-    hold: str | UnsetType = UNSET
-    ttl_ms: int | UnsetType = UNSET
-    memo: str | UnsetType = UNSET
-
-
-_decode_wire = Decoder(_Wire).decode
-_OPS = {op.value: op for op in Op}
-_OP_TAKES = {op: frozenset(fields) for op, fields in OP_FIELDS.items()}
-_OP_REQUIRES = {op: frozenset(name for name, required in fields.items() if required) for op, fields in OP_FIELDS.items()}
+_decode_command = Decoder(Command).decode
 _NAMES_CACHED_MAX = 100_000
 _good_wallets: set[str] = set()  # wallet names already found to match the id pattern
 _good_topics: set[str] = set()  # reply topics already found to be legal topic names
 _good_id = ID_PATTERN.fullmatch
 _QUOTE = ord('"')
+_OPTIONAL = ("amount", "usage", "floor", "hold", "ttl_ms")
+# Per op: the optional fields it does not take, and those it requires (beyond v, op, id, wallet).
+_NOT_TAKEN = {op: tuple(name for name in _OPTIONAL if name not in fields) for op, fields in OP_FIELDS.items()}
+_REQUIRED = {op: tuple(name for name, required in fields.items() if required) for op, fields in OP_FIELDS.items()}
+_CHARGE_OR_RESERVE = (Op.CHARGE, Op.RESERVE)
 
 
 def _well_formed(record: Record, forbidden: Collection[str], partitions: int | None) -> Parsed | None:
     """The record as a `Parsed` when it is a well-formed command with a usable (or no) reply
-    address; None whenever anything is unusual, for `parse_thorough` to decide."""
+    address; None whenever anything is unusual, for `parse_thorough` to decide.
+
+    msgspec decodes the value straight into a `Command`, refusing wrong types, unknown fields and
+    unknown ops. What it lets through that the contract refuses, the JSON strings are counted to
+    catch: a key given twice (msgspec keeps the last), a null (read as an absent field) and a
+    missing `v` (read as 1) each leave more quoted strings in the value than the command has
+    keys and string values. Counting is exact only without escapes, so a value with a backslash
+    takes the thorough path.
+    """
     value = record.value
     if value is None or len(value) > VALUE_SIZE_MAX_BYTES or b"\\" in value:
-        return None  # with no escapes, every '"' in the value opens or closes a string (below)
+        return None
     reply_to = correlation = None
     signed: Any = "missing"
     for name, header in record.headers:
@@ -157,62 +145,64 @@ def _well_formed(record: Record, forbidden: Collection[str], partitions: int | N
         elif name == AUTH_HEADER:
             signed = None
     try:
-        wire = _decode_wire(value)
+        command = _decode_command(value)
     except (DecodeError, UnicodeDecodeError):
         return None
-    strings = 7  # JSON strings in the value: the keys v, op, id and wallet, and the values of op, id and wallet
-    op = _OPS.get(wire.op)
-    if wire.v != 1 or op is None:
+    op, command_id, wallet = command.op, command.id, command.wallet
+    if command.v != 1 or not _good_id(command_id):
         return None
-    command_id, wallet = wire.id, wire.wallet
-    if not _good_id(command_id) or (wallet not in _good_wallets and not _remember(wallet, _good_id, _good_wallets)):
+    if wallet not in _good_wallets and not _remember(wallet, _good_id, _good_wallets):
         return None
     key = record.key
     if key != wallet.encode() or (partitions is not None and partition_of(key, partitions) != record.partition):
         return None
-    amount, usage, floor, hold, ttl_ms, memo = wire.amount, wire.usage, wire.floor, wire.hold, wire.ttl_ms, wire.memo
-    given = set()
-    if amount is not UNSET:
-        given.add("amount")
+    # JSON strings: the keys v, op, id and wallet, and the values of op, id and wallet, then each
+    # optional field's key and, for hold and memo, its value; usage adds three keys and a model.
+    strings = 7
+    for name in _NOT_TAKEN[op]:
+        if getattr(command, name) is not None:
+            return None
+    for name in _REQUIRED[op]:
+        if getattr(command, name) is None:
+            return None
+    amount, usage, floor, hold, ttl_ms, memo = (command.amount, command.usage, command.floor, command.hold,
+                                                command.ttl_ms, command.memo)  # fmt: skip
+    if amount is not None:
+        strings += 1
         if not (0 if op is Op.CAPTURE else 1) <= amount <= SAFE_INTEGER_MAX:
             return None
-    if usage is not UNSET:
-        given.add("usage")
-        strings += 4  # three keys and the model
+        if usage is not None:
+            return None
+    elif usage is None and op in _CHARGE_OR_RESERVE:
+        return None
+    if usage is not None:
+        strings += 5
         model = usage.model
         if (not 1 <= len(model) <= MODEL_LENGTH_MAX_CHARS or not model.isprintable()
                 or not 0 <= usage.input_tokens <= SAFE_INTEGER_MAX or not 0 <= usage.output_tokens <= SAFE_INTEGER_MAX):  # fmt: skip
             return None
-    if floor is not UNSET:
-        given.add("floor")
+    if floor is not None:
+        strings += 1
         if not -SAFE_INTEGER_MAX <= floor <= 0:
             return None
-    if hold is not UNSET:
-        given.add("hold")
-        strings += 1  # its value
+    if hold is not None:
+        strings += 2
         if not _good_id(hold):
             return None
-    if ttl_ms is not UNSET:
-        given.add("ttl_ms")
+    if ttl_ms is not None:
+        strings += 1
         if not 1 <= ttl_ms <= TTL_MAX_MS:
             return None
-    if memo is not UNSET:
-        strings += 2  # its key and its value
+    if memo is not None:
+        strings += 2
         if len(memo) > MEMO_LENGTH_MAX_CHARS or "\x00" in memo:
             return None
-    if not given <= _OP_TAKES[op] or not _OP_REQUIRES[op] <= given:
-        return None
     if op is Op.EXPIRE:
         if command_id != f"expire:{hold}":
             return None
     elif command_id.startswith("expire:"):
         return None
-    if amount is not UNSET and usage is not UNSET:
-        return None
-    if op in (Op.CHARGE, Op.RESERVE) and amount is UNSET and usage is UNSET:
-        return None
-    # A key given twice leaves one field but two keys in the text: count every string's quotes.
-    if value.count(_QUOTE) != 2 * (strings + len(given)):
+    if value.count(_QUOTE) != 2 * strings:
         return None
     address = None
     if reply_to is not None:
@@ -226,10 +216,6 @@ def _well_formed(record: Record, forbidden: Collection[str], partitions: int | N
         address = ReplyAddress(topic, correlation_id, None)
     if signed is None:
         signed = credentials(record)
-    command = Command(op, command_id, wallet, None if amount is UNSET else amount,
-                      None if usage is UNSET else Usage(usage.model, usage.input_tokens, usage.output_tokens),
-                      None if floor is UNSET else floor, None if hold is UNSET else hold,
-                      None if ttl_ms is UNSET else ttl_ms, None if memo is UNSET else memo)  # fmt: skip
     return Parsed(record, command, address, None, signed)
 
 
