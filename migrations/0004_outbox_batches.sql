@@ -30,6 +30,11 @@ CREATE FUNCTION pg_temp.mp_headers(headers text) RETURNS bytea LANGUAGE sql IMMU
         FROM jsonb_array_elements(headers::jsonb) WITH ORDINALITY AS e (h, n)), ''::bytea)
 $$;
 
+-- New positions start past the old ones: a worker of the old shape still running during the
+-- upgrade deletes the positions it published, and must not meet a new row under one of them.
+SELECT setval(pg_get_serial_sequence('outbox', 'position'),
+              (SELECT coalesce(max(position), 0) FROM outbox_records) + 1, false);
+
 INSERT INTO outbox (source_topic, source_partition, records)
 SELECT source_topic, source_partition,
        pg_temp.mp_array(count(*)::integer) || string_agg(

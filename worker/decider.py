@@ -45,6 +45,19 @@ class Decided:
     auth_version: int | None = None  # the auth state the batches were decided under
 
 
+def _carried(state: PartitionState, named: set[str], decisions: list) -> PartitionState:
+    """What the partition's next batch starts from. Of the decisions, only this batch's: it may still
+    be committing when the next one is decided, while every earlier one is in the database. Past
+    WALLETS_CARRIED_MAX wallets, only this batch's wallets and their holds: the batches before it
+    are committed by the time the next one is decided, so the database has the rest."""
+    state.decisions = {key: state.decisions[key] for d in decisions if d.stored
+                       for key in ((d.wallet.wallet, d.parsed.command.id),)}  # fmt: skip
+    if len(state.wallets) > WALLETS_CARRIED_MAX:
+        state.wallets = {name: state.wallets[name] for name in named if name in state.wallets}
+        state.holds = {key: hold for key, hold in state.holds.items() if key[0] in named}
+    return state
+
+
 class Decider:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -72,8 +85,6 @@ class Decider:
             positions = await store.positions(connection, topic, unknown) if unknown else {}
             for partition, (batch, records) in list(fresh.items()):
                 state = batch.state
-                if state is not None and len(state.wallets) > WALLETS_CARRIED_MAX and not batch.committing:
-                    state = PartitionState(partition, state.clock_ms)  # afresh: memory stays bounded
                 if state is None:
                     position = positions.get(partition)
                     if position is None or position.next_offset != batch.seen_offset:
@@ -81,9 +92,9 @@ class Decider:
                         del fresh[partition]
                         continue
                     state = PartitionState(partition, position.clock_ms)
-                # Wallets and holds are carried; decisions are looked up per batch (those of a batch
-                # still committing are kept: the database does not have them yet), and prices are
-                # read again (a row added since may come in force within this batch).
+                # Wallets and holds are carried; decisions are looked up per batch (only those of
+                # the batch still committing are carried: the database does not have them yet), and
+                # prices are read again (a row added since may come in force within this batch).
                 if not batch.committing:
                     state.decisions.clear()
                 state.prices.clear()
@@ -103,7 +114,7 @@ class Decider:
             after = {name: wallets.get(name) for name in named}
             decided.writes.append(Write(partition, batch.seen_offset, records[-1].record.offset + 1, state.clock_ms,
                                         before, after, decisions))  # fmt: skip
-            decided.states[partition] = state
+            decided.states[partition] = _carried(state, named, decisions)
         return decided
 
     async def commit(self, topic: str, decided: Decided, render: Render,

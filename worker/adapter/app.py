@@ -45,6 +45,7 @@ GRACEFUL_TIMEOUT_S = 30
 SHUTDOWN_TIMEOUT_S = 45  # from the start of the lifespan's teardown to a forced exit
 PRODUCER_REQUEST_TIMEOUT_MS = 30_000
 PRODUCE_BATCH_BYTES_MAX = 512 * 1024
+TEND_INTERVAL_S = 1.0
 GC_YOUNG_OBJECTS = 50_000  # Python's default is 700
 GC_OLDER_EVERY = 20  # young collections per older one (default 10)
 
@@ -144,12 +145,14 @@ def build_app(settings: Settings) -> FastStream:
             log.info("authentication: %s", mode)
             yield
         finally:
-            # A worker told to stop must stop: should anything hang from here on (seen once under
-            # chaos, after a clean shutdown), dump every thread's stack to the log and exit. Nothing
-            # is lost: decisions are committed whole, and an unpublished outbox is sent by the next owner.
-            faulthandler.dump_traceback_later(SHUTDOWN_TIMEOUT_S, exit=True)
+            if not runtime.get("stopping"):  # armed when the shutdown began; here for a start that failed
+                _exit_if_stuck()
             await processor.close()
             await processor.flush()  # what was committed goes out before the worker does
+            for name in ("tending",):
+                if name in runtime:
+                    runtime[name].cancel()
+                    await asyncio.gather(runtime[name], return_exceptions=True)
             if runtime.get("metrics") is not None:
                 runtime["metrics"].close()
             if "sweeper" in runtime:
@@ -166,8 +169,34 @@ def build_app(settings: Settings) -> FastStream:
             runtime["sweeper"] = asyncio.create_task(sweeper.run())
         metrics.HEALTH.partitions = processor.owned
         runtime["metrics"] = await metrics.serve(settings.metrics_port, processor.refresh_lag)
+        runtime["tending"] = asyncio.create_task(_tend(processor))
+
+    @app.on_shutdown
+    async def stop_deciding() -> None:  # before the broker stops: its producer publishes what is committed
+        runtime["stopping"] = True
+        _exit_if_stuck()
+        await processor.stop()
 
     return app
+
+
+def _exit_if_stuck() -> None:
+    """A worker told to stop must stop: should anything hang from here on (seen once under chaos,
+    after a clean shutdown), dump every thread's stack to the log and exit. Nothing is lost:
+    decisions are committed whole, and an unpublished outbox is sent by the next owner."""
+    faulthandler.dump_traceback_later(SHUTDOWN_TIMEOUT_S, exit=True)
+
+
+async def _tend(processor: Processor) -> None:
+    """Publishes outboxes left behind (a failed publish, a fenced commit) on partitions that see no
+    new batch: their replies must not wait for the next command."""
+    while True:
+        await asyncio.sleep(TEND_INTERVAL_S)
+        try:
+            await processor.tend()
+        except Exception:  # a bug; tending stops, deciding does not (its batches heal as before)
+            log.exception("tending the outboxes failed")
+            return
 
 
 def _collect_garbage_rarely() -> None:

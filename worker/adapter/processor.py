@@ -87,6 +87,7 @@ class Processor:
         self._consumer = consumer
         self._forbidden_reply_topics = (topics.commands, topics.events, topics.dlq)
         self.partition_count: int | None = None  # of the commands topic, set in the lifespan (D33)
+        self.stopping = False  # set on shutdown: nothing more is decided
         self._partitions: dict[int, Partition] = {}
         # Held while a batch is decided, so that a rebalance hands partitions over between batches.
         self.busy = asyncio.Lock()
@@ -130,6 +131,7 @@ class Processor:
         else:  # claimed again after an outage: what it holds in memory may be ahead of the database
             partition.next_offset, partition.phase = next_offset, Phase.CLAIMED
             partition.state, partition.decided_offset, partition.generation = None, next_offset, partition.generation + 1
+            partition.rewound_to = None
         consumer.seek(TopicPartition(self._topics.commands, number), next_offset)
         log.info("partition %d assigned, resuming at offset %d", number, next_offset)
 
@@ -181,6 +183,23 @@ class Processor:
             log.warning("partition %d: outbox rows not deleted yet (%r)", partition.number, error)
             partition.acknowledged.extend(positions)
 
+    async def stop(self) -> None:
+        """Decide nothing more, and store and publish what was decided, while the producer is up."""
+        async with self.busy:  # a batch being decided now is decided whole
+            self.stopping = True
+        await self.flush()
+
+    async def tend(self) -> None:
+        """Publish what partitions left in their outboxes (a failed publish, a fenced commit) when
+        no batch of theirs comes along to do it first."""
+        if self.stopping or self._database_away_since_s is not None:
+            return
+        async with self.busy:
+            for partition in list(self._partitions.values()):
+                if partition.phase is Phase.CLAIMED and self._partitions.get(partition.number) is partition:
+                    await self.flush([partition.number])
+                    await self._heal(partition)
+
     def owned(self) -> list[int]:
         """The partitions this worker decides now: assigned to it and claimed from the database."""
         consumer = self._consumer()
@@ -194,8 +213,8 @@ class Processor:
         return [] if self._database_away_since_s is not None else self.owned()
 
     async def handle(self, records: Sequence[ConsumerRecord]) -> None:
-        if not records:
-            return
+        if not records or self.stopping:
+            return  # stopping: what is not decided now is decided by the partitions' next owner
         self._clock.observe(max(raw.timestamp for raw in records))
         metrics.RECORDS_FETCHED.inc(len(records))
         forbidden, count = self._forbidden_reply_topics, self.partition_count
@@ -206,15 +225,24 @@ class Processor:
                 batch = by_partition[raw.partition] = []
             batch.append(parse(record_of(raw), forbidden, count))
         async with self.busy:
-            ready = {n: batch for n, batch in by_partition.items() if await self._ready(n, batch)}
-            if sum(len(batch) for batch in ready.values()) <= ONE_TRANSACTION_RECORDS_MAX:
+            if self.stopping:
+                return
+            ready = {}
+            for number, batch in by_partition.items():
+                generation = await self._ready(number, batch)
+                if generation is not None:
+                    ready[number] = (generation, batch)
+            if sum(len(batch) for _, batch in ready.values()) <= ONE_TRANSACTION_RECORDS_MAX:
                 groups = [ready] if ready else []
             else:
-                groups = [{n: batch} for n, batch in ready.items()]
+                groups = [{number: entry} for number, entry in ready.items()]
             await asyncio.gather(*(self._apply(group) for group in groups))
 
-    async def _ready(self, number: int, batch: list[Parsed]) -> bool:
-        """Whether the partition's batch can be decided now: owned, claimed, its outbox healed."""
+    async def _ready(self, number: int, batch: list[Parsed]) -> int | None:
+        """The partition's generation when its batch can be decided now (owned, claimed, its outbox
+        healed, the batch starting where the partition's decided batches end); else None. The batch
+        is decided only if the generation has not moved by then: a commit that fails meanwhile
+        seeks the partition back, and what was fetched before that is not what comes next."""
         partition = self._partitions.get(number)
         if partition is None:
             # Assigned while the database was away: claim it now and start from its stored offset.
@@ -226,34 +254,35 @@ class Processor:
                 except INFRA_ERRORS as error:
                     consumer.seek(tp, batch[0].record.offset)  # keep the records coming back
                     self._database_away(error)
-            return False
+            return None
         if partition.phase is Phase.CLAIMED:
             await self.flush([number])
             await self._heal(partition)
-        return not self._skipped_ahead(partition, batch)
+            if self._partitions.get(number) is not partition:
+                return None
+        return None if self._skipped_ahead(partition, batch) else partition.generation
 
-    async def _apply(self, batches: dict[int, list[Parsed]]) -> None:
+    async def _apply(self, batches: dict[int, tuple[int, list[Parsed]]]) -> None:
         """Decide the batches of these partitions, beside their previous batches' commit, then
         start their commit (one transaction for all of them) and return: the next fetch is decided
-        while this one commits. What was decided on a state that did not get committed (the commit
-        before it failed, or was fenced) is let go of: its records come again from the log."""
-        for batch in batches.values():
+        while this one commits. A partition whose generation moved since `_ready` (a commit before
+        this batch failed, or was fenced) is let go of: it was sought back, its records come again."""
+        for _, batch in batches.values():
             metrics.BATCH_SIZE.observe(len(batch))
         decider = Decider(self._store)
         delay_s = INFRA_BACKOFF_FIRST_S
         for attempt in range(1, INFRA_RETRIES_MAX + 1):
-            owned = {self._partitions[n]: batch for n, batch in batches.items() if n in self._partitions}
+            owned = {partition: batch for number, (generation, batch) in batches.items()
+                     if (partition := self._current(number, generation)) is not None}  # fmt: skip
             if not owned:
-                return  # revoked since the fetch: the new owner decides these
-            generations = {partition: partition.generation for partition in owned}
+                return  # revoked or sought back since the fetch: these records come again, or go to the new owner
             try:
                 decided = await decider.decide(self._topics.commands, [
                     PartitionBatch(p.number, p.decided_offset, batch, p.state, p.committing is not None)
                     for p, batch in owned.items()])  # fmt: skip
                 break
             except INFRA_ERRORS as error:
-                for partition in owned:
-                    self._start_over(partition)  # deciding may have moved its state on: read it again
+                # Nothing was decided: the carried states only gained rows read from the database.
                 self._database_away(error)
                 log.debug("partitions %s: attempt %d failed: %r", sorted(batches), attempt, error)
                 await asyncio.sleep(delay_s)
@@ -261,15 +290,15 @@ class Processor:
         else:
             # Out of retries: let go of the batches. Their partitions stay paused; the probe seeks
             # them to their stored positions and resumes them once the database answers.
-            for number in batches:
-                partition = self._partitions.get(number)
+            for number, (generation, _) in batches.items():
+                partition = self._current(number, generation)
                 if partition is not None:
                     self._start_over(partition)
             return
         previous = {partition.committing for partition in owned if partition.committing is not None}
         if previous:
-            await asyncio.gather(*previous)  # never raises: a commit settles its own failures
-        current = {p for p in owned if self._partitions.get(p.number) is p and p.generation == generations[p]}
+            await asyncio.wait(previous)  # a commit settles its own failures; a bug stops the worker
+        current = {p for p in owned if self._current(p.number, batches[p.number][0]) is p}
         for partition in owned:
             if partition not in current:
                 decided.writes = [w for w in decided.writes if w.partition != partition.number]
@@ -346,12 +375,18 @@ class Processor:
                 if partition.committing is asyncio.current_task():
                     partition.committing = None
 
+    def _current(self, number: int, generation: int) -> Partition | None:
+        """The partition, if this worker still owns it and has not sought it back since `generation`."""
+        partition = self._partitions.get(number)
+        return partition if partition is not None and partition.generation == generation else None
+
     def _start_over(self, partition: Partition) -> None:
         """Drop what the partition holds beyond the database (its state, its decided position) and
         seek back to its stored position: its records come again, and are decided afresh."""
         partition.state = None
         partition.generation += 1
         partition.decided_offset = partition.next_offset
+        partition.rewound_to = None  # a seek of its own is no sign of a gap in the log
         consumer = self._consumer()
         if consumer is not None:
             self._seek(consumer, partition, partition.next_offset)
@@ -360,7 +395,7 @@ class Processor:
         """Publishing overlaps the next batch's transaction: at most one batch of a partition is in
         flight to the broker, so replies keep their partition's order batch by batch."""
         if partition.publishing is not None:
-            await partition.publishing
+            await asyncio.wait({partition.publishing})  # its failure is its own: the outbox keeps the rows
         partition.publishing = asyncio.create_task(self._publish(partition, outbox))
 
     def _skipped_ahead(self, partition: Partition, batch: list[Parsed]) -> bool:
@@ -395,8 +430,9 @@ class Processor:
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
             # Until deleted, a crash only means the row is published again (at least once).
             partition.acknowledged.append(outbox.position)
-        except INFRA_ERRORS as error:
-            log.warning("partition %d: publishing %d records failed (%r)", partition.number, count, error)
+        except Exception as error:  # whatever it was, the rows stay in the outbox and go again
+            level = logging.WARNING if isinstance(error, INFRA_ERRORS) else logging.ERROR
+            log.log(level, "partition %d: publishing %d records failed (%r)", partition.number, count, error)
             partition.phase = Phase.CLAIMED  # its outbox is published again before its next batch
         finally:
             metrics.OUTBOX_BACKLOG.dec(count)

@@ -218,25 +218,32 @@ class Store:
 
     async def authority(self, connection: asyncpg.Connection, batch: Iterable[Parsed]) -> tuple[int, Authority | None]:
         """The auth state's version, and the auth modes and the keys the batch names at that
-        version; no authority while authentication has never been switched on."""
+        version; no authority while authentication has never been switched on.
+
+        Batches are decided side by side (a heavy fetch's partitions), so what one reads is put
+        together in locals and cached only when its version is the newest seen: a batch never
+        decides with another version's modes or keys, nor finds a key it names cached as absent."""
         version = await self.auth_version(connection)
-        if version != self._auth_version:
+        if version == self._auth_version:
+            modes, cached = self._auth_modes, self._auth_keys
+        else:
             rows = await connection.fetch(QUERIES["auth_modes"])
-            self._auth_modes = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows)
-            self._auth_keys.clear()
-            self._auth_version = version
-        if not self._auth_modes:
+            modes, cached = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows), {}
+            if self._auth_version is None or version > self._auth_version:  # versions only grow
+                self._auth_version, self._auth_modes, self._auth_keys = version, modes, cached
+        if not modes:
             return version, None
         named = {parsed.credentials.key_id for parsed in batch if isinstance(parsed.credentials, Credentials)}
-        missing = sorted(named - self._auth_keys.keys())
+        missing = sorted(named - cached.keys())
+        found: dict[str, Key] = {}
         if missing:
-            if len(self._auth_keys) + len(missing) > KEYS_CACHED_MAX:
-                self._auth_keys.clear()
-            self._auth_keys.update({key_id: None for key_id in missing})
-            for row in await connection.fetch(QUERIES["auth_keys_named"], missing):
-                self._auth_keys[row["key_id"]] = _key(row)
-        keys = {key_id: key for key_id in named if (key := self._auth_keys.get(key_id)) is not None}
-        return version, Authority(self._auth_modes, keys, self._secret_of)
+            found = {row["key_id"]: _key(row) for row in await connection.fetch(QUERIES["auth_keys_named"], missing)}
+            if cached is self._auth_keys:  # still the newest version's cache
+                if len(cached) + len(missing) > KEYS_CACHED_MAX:
+                    cached.clear()
+                cached.update({key_id: found.get(key_id) for key_id in missing})
+        keys = {key_id: key for key_id in named if (key := found.get(key_id) or cached.get(key_id)) is not None}
+        return version, Authority(modes, keys, self._secret_of)
 
     async def write(self, connection: asyncpg.Connection, topic: str, writes: Sequence[Write], render: Render,
                     published: Sequence[int]) -> dict[int, Outbox | None]:  # fmt: skip
