@@ -1,8 +1,12 @@
-"""Where one worker's CPU goes when it is saturated: py-spy samples the worker during a load run,
-and each sample is put in the first category its stack matches (the order below matters: parsing
-calls json.loads, so it is counted as parsing, not as the event loop).
+"""Where one worker's CPU goes when it is saturated, by what its sampled stacks were doing.
 
-    .venv/bin/python loadtest/cpu_profile.py --distribution hot --wallets 1
+py-spy samples the worker during a drain (a preloaded backlog, `loadtest/drain.py`) or a load run
+(`loadtest/load.py`), and each sample is put in the first category its stack matches (the order
+below matters: rendering runs inside the store's write, so it is counted as rendering, not as the
+store).
+
+    .venv/bin/python loadtest/cpu_profile.py --drain --distribution hot --wallets 1
+    .venv/bin/python loadtest/cpu_profile.py --distribution hot --wallets 1 --rate 8000 --seconds 12
 """
 
 from __future__ import annotations
@@ -17,19 +21,30 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import drain  # noqa: E402
 import load  # noqa: E402
 
-SAMPLES_PER_S = 200  # sampled without pausing the worker (--nonblocking), so that it runs at its speed
-WARM_UP_S = 3  # the run's first seconds, before batches reach their size under load
-CATEGORIES = (  # (name, what a frame of the sampled stack contains)
-    ("parse and validate commands (core; json.loads)", "parse (worker/core/parse.py"),
-    ("encode replies, events and stored replies (json.dumps)", "dumps (json"),
-    ("decide (core)", "decide_batch"),
-    ("PostgreSQL round trips (asyncpg)", "asyncpg/"),
-    ("send replies and events (aiokafka producer)", "aiokafka/producer"),
-    ("fetch commands (aiokafka consumer)", "aiokafka/consumer"),
-)
-REST = "the rest: event loop, FastStream's dispatch, asyncio tasks"
+SAMPLES_PER_S = 200  # sampled without pausing the worker (--nonblocking), so that it runs at its speed; drain.py too
+WARM_UP_S = 3  # a load run's first seconds, before batches reach their size under load
+TOP_FUNCTIONS = 15
+# (name, what a frame of the sampled stack contains: any of these). A frame reads
+# "Qualified.name (path/in/its/package.py:line)".
+CATEGORIES = (
+    ("parse commands (core `parse`; the adapter's `record_of`)",
+     ("parse (worker/core/parse.py", "record_of (worker/adapter/processor.py")),
+    ("decide (core `decide_batch`)", ("decide_batch (worker/core/decide.py",)),
+    ("render replies and events (core `rendered`)",
+     ("rendered (worker/core/outgoing.py", "Processor.render (worker/adapter/processor.py")),
+    ("PostgreSQL: reads, rows, COPY and statements (worker/store; asyncpg)", ("worker/store/", "asyncpg/")),
+    ("publish replies and events (`Publisher.publish`; aiokafka producer)",
+     ("publish (worker/adapter/publisher.py", "aiokafka/producer/")),
+    ("fetch commands (aiokafka consumer `getmany`, `fetched_records`; the fetch guard)",
+     ("aiokafka/consumer/", "worker/adapter/fetch_guard.py")),
+    ("the worker's own orchestration (worker/adapter/processor.py, worker/decider.py)",
+     ("worker/adapter/processor.py", "worker/decider.py")),
+    ("FastStream's dispatch (faststream, fast_depends)", ("faststream/", "fast_depends/")),
+)  # fmt: skip
+REST = "the rest: the event loop (uvloop, asyncio), metrics, sweeper"
 IDLE = ("Condition.wait", "Event.wait")  # threads that sleep
 
 
@@ -42,35 +57,75 @@ async def sample(pid: int, seconds: float, out: Path) -> None:
     await process.wait()
 
 
-def categorize(raw: Path) -> dict[str, float]:
-    shares: Counter[str] = Counter()
+def busy_stacks(raw: Path) -> list[tuple[str, int]]:
+    """(stack, samples) of py-spy's folded output, without the threads that sleep."""
+    stacks = []
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
-        if any(idle in stack for idle in IDLE):
-            continue
-        name = next((name for name, needle in CATEGORIES if needle in stack), REST)
-        shares[name] += int(count)
+        if not any(idle in stack for idle in IDLE):
+            stacks.append((stack, int(count)))
+    return stacks
+
+
+def categorize(raw: Path) -> dict[str, float]:
+    shares: Counter[str] = Counter()
+    for stack, count in busy_stacks(raw):
+        name = next((name for name, needles in CATEGORIES if any(needle in stack for needle in needles)), REST)
+        shares[name] += count
     total = sum(shares.values()) or 1
     return {name: round(100 * n / total, 1) for name, n in shares.most_common()}
 
 
+def top_functions(raw: Path, count: int = TOP_FUNCTIONS) -> list[tuple[float, str]]:
+    """The innermost Python functions of the busy samples (their own time and that of the C code
+    they call; share %), their lines merged. `Runner.run` innermost is the event loop's own C code."""
+    own: Counter[str] = Counter()
+    for stack, samples in busy_stacks(raw):
+        frame = stack.rpartition(";")[2]
+        own[frame.rpartition(":")[0] + ")"] += samples
+    total = sum(own.values()) or 1
+    return [(round(100 * n / total, 1), function) for function, n in own.most_common(count)]
+
+
+def summary(raw: Path) -> dict:
+    if not raw.exists():
+        return {"busy_samples": 0, "worker_cpu_percent": {}, "top_functions": []}
+    return {"busy_samples": sum(count for _, count in busy_stacks(raw)), "worker_cpu_percent": categorize(raw),
+            "top_functions": top_functions(raw)}  # fmt: skip
+
+
 async def profile(argv: list[str], current=None) -> dict:
+    """A load run (`load.py`'s arguments), its worker sampled from WARM_UP_S in."""
     args = load.arguments(argv)
     with tempfile.TemporaryDirectory() as scratch:
         raw = Path(scratch) / "worker.txt"
         seconds = max(args.seconds - WARM_UP_S - 1, 1)
         run = await load.main(args, current, on_offer=lambda pids: sample(pids[0], seconds, raw))
-        shares = categorize(raw) if raw.exists() else {}
-    return {"run": {k: v for k, v in run.items() if k != "timeline"}, "worker_cpu_percent": shares}
+        return {"run": {k: v for k, v in run.items() if k != "timeline"}, **summary(raw)}
+
+
+async def profile_drain(argv: list[str]) -> dict:
+    """A drain (`drain.py`'s arguments), its worker sampled by `drain.py --profile`: from
+    drain.PROFILE_AFTER_S after the worker's start, for drain.PROFILE_SECONDS."""
+    with tempfile.TemporaryDirectory() as scratch:
+        raw = Path(scratch) / "worker.txt"
+        run = await drain.main(drain.arguments([*argv, "--profile", str(raw)]))
+        return {"run": run, "sampled_after_s": drain.PROFILE_AFTER_S, "sampled_s": drain.PROFILE_SECONDS,
+                "samples_per_s": SAMPLES_PER_S, **summary(raw)}  # fmt: skip
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--drain", action="store_true", help="profile a drain of a preloaded backlog, not a load run")
     parser.add_argument("--distribution", default="hot")
     parser.add_argument("--wallets", default="1")
-    parser.add_argument("--rate", default="8000")
-    parser.add_argument("--seconds", default="12")
+    parser.add_argument("--commands", default="200000", help="with --drain: the backlog")
+    parser.add_argument("--rate", default="8000", help="without --drain: commands offered per second")
+    parser.add_argument("--seconds", default="12", help="without --drain: the load run's length")
     own = parser.parse_args()
-    outcome = asyncio.run(profile(["--distribution", own.distribution, "--wallets", own.wallets,
-                                   "--rate", own.rate, "--seconds", own.seconds]))  # fmt: skip
+    common = ["--distribution", own.distribution, "--wallets", own.wallets]
+    if own.drain:
+        outcome = asyncio.run(profile_drain([*common, "--commands", own.commands]))
+    else:
+        outcome = asyncio.run(profile([*common, "--rate", own.rate, "--seconds", own.seconds]))
     print(json.dumps(outcome, indent=1))

@@ -43,7 +43,7 @@ async def test_migration_0004_carries_the_old_outbox_rows_over_in_order(services
             old_max = await connection.fetchval("SELECT max(position) FROM outbox")
         finally:
             await connection.close()
-        assert await migrate(url) == ["0004_outbox_batches"]
+        assert (await migrate(url))[0] == "0004_outbox_batches"
         store = await Store.connect(url)
         try:
             for source in (0, 1):

@@ -128,7 +128,7 @@ class Decider:
             await store.delete_outbox(published)
             return outcome
         async with store.transaction() as connection:
-            positions = await store.lock(connection, topic, [write.partition for write in decided.writes])
+            positions, auth_version = await store.lock(connection, topic, [write.partition for write in decided.writes])
             writes = []
             for write in decided.writes:
                 position = positions.get(write.partition)
@@ -136,9 +136,9 @@ class Decider:
                     outcome[write.partition] = Fenced(write.partition, -1 if position is None else position.next_offset)
                 else:
                     writes.append(write)
-            # Read after the lock: a key change holds the partitions' rows while it commits, so it
-            # is wholly before this transaction or wholly after it (docs/security.md, D26).
-            if writes and await store.auth_version(connection) != decided.auth_version:
+            # Read with the lock: a key change holds the partitions table while it commits, so it is
+            # wholly before this transaction or wholly after it (docs/security.md, D26).
+            if writes and auth_version != decided.auth_version:
                 raise AuthChanged()
             outboxes = await store.write(connection, topic, writes, render, published)
         for write in writes:

@@ -33,6 +33,7 @@ from worker.core.model import (
 )
 
 CONTRACT_VERSION = 1
+_OP_VALUE = {op: op.value for op in Op}  # a dict lookup: an Enum's `.value` is a Python property
 
 
 PRICE_DIVISOR_TOKENS = 1_000_000  # prices are per million tokens
@@ -153,8 +154,13 @@ def _stored(parsed: Parsed, command: Command, wallet: Wallet, outcome: Effect | 
     seq = wallet.seq + 1
     if outcome.__class__ is ErrorCode:
         after = replace(wallet, seq=seq)
-        reply = _reply_base(command.id, command.wallet, command.op.value, at_ms)
-        refusal = {**_refused(_with_wallet(reply, after), outcome, _MESSAGES[outcome]), "seq": seq}
+        balance, reserved = after.balance, after.reserved
+        # A stored refusal (a runaway agent's 402s among them), made in one go: the fields of
+        # `_refused(_with_wallet(_reply_base(…)))`, in the same order, and its seq.
+        refusal = {"v": CONTRACT_VERSION, "id": command.id, "wallet": command.wallet, "op": _OP_VALUE[command.op],
+                   "ok": False, "status": outcome.status, "error": outcome.code, "at": format_time(at_ms),
+                   "duplicate": False, "balance": balance, "reserved": reserved,
+                   "available": balance - reserved - after.floor, "message": _MESSAGES[outcome], "seq": seq}  # fmt: skip
         return Decision(parsed, refusal, True, after, None, fingerprint, command.memo, at_ms)
     moved = outcome.wallet
     after = Wallet(moved.wallet, moved.balance, moved.reserved, moved.floor, seq, moved.partition)
@@ -261,7 +267,7 @@ def _assert_invariant(wallet: Wallet) -> None:
 def _accepted(command: Command, after: Wallet, at_ms: int) -> Reply:
     """An accepted reply, made in one go (the same fields, in the same order, as a refusal's)."""
     balance, reserved = after.balance, after.reserved
-    return {"v": CONTRACT_VERSION, "id": command.id, "wallet": command.wallet, "op": command.op.value, "ok": True,
+    return {"v": CONTRACT_VERSION, "id": command.id, "wallet": command.wallet, "op": _OP_VALUE[command.op], "ok": True,
             "status": STATUS_OK, "error": None, "at": format_time(at_ms), "duplicate": False, "balance": balance,
             "reserved": reserved, "available": balance - reserved - after.floor, "seq": after.seq}  # fmt: skip
 

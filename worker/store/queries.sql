@@ -13,16 +13,30 @@ SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2
 SELECT partition, next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = ANY($2::integer[]);
 
 -- name: lock_partitions
-SELECT partition, next_offset, clock_ms FROM partitions
+-- With the auth version (see auth_version): the statement takes its lock on the partitions table
+-- before its snapshot, so a key change (which holds the table in EXCLUSIVE mode until it commits)
+-- is either visible in this read or waits for this transaction to end.
+SELECT partition, next_offset, clock_ms, (SELECT version FROM auth_settings) AS auth_version
+FROM partitions
 WHERE topic = $1 AND partition = ANY($2::integer[])
 ORDER BY partition FOR UPDATE;
 
--- name: advance_partitions
--- Each from the offset this worker saw (its rows are locked by the batch): where its batch ends.
-UPDATE partitions AS p SET next_offset = a.next_offset, clock_ms = a.clock_ms
-FROM unnest($2::text::integer[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
-    AS a (partition, seen_offset, next_offset, clock_ms)
-WHERE p.topic = $1 AND p.partition = a.partition AND p.next_offset = a.seen_offset;
+-- name: finish_batch
+-- The end of a batch's transaction in one round trip: each partition advanced from the offset this
+-- worker saw (its rows are locked by the batch) to where its batch ends; the outbox rows the broker
+-- has acknowledged deleted; each partition's records to publish inserted as one row.
+WITH advanced AS (
+    UPDATE partitions AS p SET next_offset = a.next_offset, clock_ms = a.clock_ms
+    FROM unnest($2::text::integer[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
+        AS a (partition, seen_offset, next_offset, clock_ms)
+    WHERE p.topic = $1 AND p.partition = a.partition AND p.next_offset = a.seen_offset
+    RETURNING 1
+), published AS (
+    DELETE FROM outbox WHERE position = ANY($6::text::bigint[]) RETURNING 1
+)
+INSERT INTO outbox (source_topic, source_partition, records)
+SELECT $1, o.source_partition, o.records FROM unnest($7::text::integer[], $8::bytea[]) AS o (source_partition, records)
+RETURNING source_partition, position;
 
 -- Lists of ids and integers come as one text parameter each, in array syntax (worker/store/rows.py).
 
@@ -52,10 +66,6 @@ FROM unnest($1::text::text[], $2::text::bigint[], $3::text::bigint[], $4::text::
 WHERE w.wallet = n.wallet
   AND w.seq = n.seq_before
   AND w.balance + n.balance_delta - (w.reserved + n.reserved_delta) >= w.floor;
-
--- name: insert_outbox
-INSERT INTO outbox (source_topic, source_partition, records) VALUES ($1, $2, $3)
-RETURNING position;
 
 -- name: outbox_of_partition
 SELECT position, records FROM outbox WHERE source_topic = $1 AND source_partition = $2

@@ -158,11 +158,15 @@ class Store:
         rows = await connection.fetch(QUERIES["partition_positions_of"], topic, sorted(partitions))
         return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
 
-    async def lock(self, connection: asyncpg.Connection, topic: str, partitions: Sequence[int]) -> dict[int, Position]:
+    async def lock(self, connection: asyncpg.Connection, topic: str,
+                   partitions: Sequence[int]) -> tuple[dict[int, Position], int]:  # fmt: skip
         """Lock the partitions' rows, in partition order (so that two workers never wait on each
-        other in a cycle), and return where each stands. A partition missing here was never claimed."""
+        other in a cycle); where each stands (a partition missing here was never claimed), and the
+        auth version as of the lock (see `auth_version`)."""
         rows = await connection.fetch(QUERIES["lock_partitions"], topic, sorted(partitions))
-        return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
+        positions = {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
+        version = int(rows[0]["auth_version"]) if rows else await self.auth_version(connection)
+        return positions, version
 
     async def load(self, connection: asyncpg.Connection, states: dict[int, PartitionState],
                    batches: dict[int, Sequence[Parsed]]) -> None:  # fmt: skip
@@ -282,18 +286,22 @@ class Store:
                                      id_array([h.hold for h in latest]), int_array(h.amount for h in latest),
                                      int_array(h.expires_at_ms for h in latest), bool_array(h.open for h in latest),
                                      int_array(h.partition for h in latest))  # fmt: skip
-        outboxes = await self._write_decisions_and_outbox(connection, topic, writes, render)
-        if published:
-            await connection.execute(QUERIES["delete_outbox"], list(published))
-        await connection.execute(QUERIES["advance_partitions"], topic, int_array(w.partition for w in writes),
-                                 int_array(w.seen_offset for w in writes), int_array(w.next_offset for w in writes),
-                                 int_array(w.clock_ms for w in writes))  # fmt: skip
+        sends = await self._write_decisions(connection, writes, render)
+        kept = [(partition, records) for partition, records in sends.items() if records]
+        rows = await connection.fetch(
+            QUERIES["finish_batch"], topic, int_array(w.partition for w in writes),
+            int_array(w.seen_offset for w in writes), int_array(w.next_offset for w in writes),
+            int_array(w.clock_ms for w in writes), int_array(published), int_array(p for p, _ in kept),
+            [encode_records(records) for _, records in kept])  # fmt: skip
+        outboxes: dict[int, Outbox | None] = {partition: None for partition in sends}
+        for row in rows:
+            partition = int(row["source_partition"])
+            outboxes[partition] = Outbox(int(row["position"]), sends[partition])
         return outboxes
 
-    async def _write_decisions_and_outbox(
-        self, connection: asyncpg.Connection, topic: str, writes: Sequence[Write], render: Render
-    ) -> dict[int, Outbox | None]:
-        """The stored decisions (each with its reply, encoded once) and one outbox row per partition."""
+    async def _write_decisions(self, connection: asyncpg.Connection, writes: Sequence[Write],
+                               render: Render) -> dict[int, list[Outgoing]]:  # fmt: skip
+        """The stored decisions, each with its reply encoded once; each partition's records to send."""
         stored: list[Decision] = []
         replies: list[bytes] = []
         sends: dict[int, list[Outgoing]] = {}
@@ -308,12 +316,7 @@ class Store:
         if stored:
             await connection.copy_records_to_table("decisions", records=decision_rows(stored, replies),
                                                    columns=DECISION_COLUMNS)  # fmt: skip
-        outboxes: dict[int, Outbox | None] = {partition: None for partition in sends}
-        for partition, records in sends.items():
-            if records:
-                position = await connection.fetchval(QUERIES["insert_outbox"], topic, partition, encode_records(records))
-                outboxes[partition] = Outbox(int(position), records)
-        return outboxes
+        return sends
 
     async def pending_outbox(self, topic: str, partition: int) -> list[Outbox]:
         """What an earlier owner of the partition committed but may not have published, in order."""
