@@ -17,7 +17,7 @@ from worker.core.outgoing import rendered
 from worker.core.parse import parse
 from worker.decider import Decider
 from worker.store.queries import QUERIES
-from worker.store.store import Fenced, PartitionBatch, Store
+from worker.store.store import Committed, Fenced, PartitionBatch, Store
 
 
 async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
@@ -104,6 +104,42 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
         await store.close()
     wallets, decided = await books_after_outbox_cleared(settings.database_url)
     assert sorted(wallets) == ["a0", "a1", "b0"] and all(count == 1 for count in decided.values())
+
+
+async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_if_it_fails(settings):
+    """The worker decides a partition's next batch from the state its last batch left, before that
+    batch is committed: a retry of a command still committing is a duplicate, the balance is the one
+    after it; and if that commit never happens, the next batch is fenced rather than stored."""
+    store = await Store.connect(settings.database_url)
+    topic = settings.topics.commands
+    try:
+        assert await store.claim(topic, 0) == 0
+
+        def record(offset: int, value: bytes) -> Parsed:
+            return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
+
+        def render(decision):
+            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+
+        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
+                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}')]  # fmt: skip
+        committed = await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)
+        charge = b'{"v":1,"op":"charge","id":"c1","wallet":"w","amount":7}'
+        decider = Decider(store)
+        first = await decider.decide(topic, [PartitionBatch(0, 2, [record(2, charge)], committed.state)])
+        second = await decider.decide(topic, [PartitionBatch(0, 3, [record(3, charge), record(4, charge.replace(
+            b'"c1"', b'"c2"'))], first.states[0], committing=True)])  # fmt: skip
+        retry, refused = second.writes[0].decisions
+        assert retry.reply["duplicate"] and retry.reply["balance"] == 3, retry.reply
+        assert refused.reply["status"] == 402 and refused.reply["available"] == 3, refused.reply
+        # The first batch's commit never happens (its worker died): the second one is fenced.
+        assert isinstance((await decider.commit(topic, second, render))[0], Fenced)
+        assert isinstance((await decider.commit(topic, first, render))[0], Committed)
+        assert isinstance((await decider.commit(topic, second, render))[0], Committed)  # in order, it is stored
+    finally:
+        await store.close()
+    wallets, decided = await books_after_outbox_cleared(settings.database_url)
+    assert wallets["w"]["balance"] == 3 and wallets["w"]["seq"] == 4 and all(n == 1 for n in decided.values())
 
 
 async def books_after_outbox_cleared(database_url: str):

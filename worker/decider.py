@@ -20,6 +20,7 @@ by its own partition's batches alone (D33) and the position check fences everyon
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import islice
 from dataclasses import dataclass, field
 
 from worker.core.decide import decide_batch
@@ -45,13 +46,13 @@ class Decided:
     auth_version: int | None = None  # the auth state the batches were decided under
 
 
-def _carried(state: PartitionState, named: set[str], decisions: list) -> PartitionState:
+def _carried(state: PartitionState, named: set[str], known: int) -> PartitionState:
     """What the partition's next batch starts from. Of the decisions, only this batch's: it may still
-    be committing when the next one is decided, while every earlier one is in the database. Past
-    WALLETS_CARRIED_MAX wallets, only this batch's wallets and their holds: the batches before it
-    are committed by the time the next one is decided, so the database has the rest."""
-    state.decisions = {key: state.decisions[key] for d in decisions if d.stored
-                       for key in ((d.wallet.wallet, d.parsed.command.id),)}  # fmt: skip
+    be committing when the next one is decided, while every earlier one is in the database. They
+    are the entries after the first `known` (a stored decision always adds a key, and dicts keep
+    their order). Past WALLETS_CARRIED_MAX wallets, only this batch's wallets and their holds: the
+    batches before it are committed by the time the next one is decided, so the database has the rest."""
+    state.decisions = dict(islice(state.decisions.items(), known, None))
     if len(state.wallets) > WALLETS_CARRIED_MAX:
         state.wallets = {name: state.wallets[name] for name in named if name in state.wallets}
         state.holds = {key: hold for key, hold in state.holds.items() if key[0] in named}
@@ -110,11 +111,12 @@ class Decider:
             named = {p.command.wallet for p in records if p.command.__class__ is Command}
             wallets = state.wallets
             before = {name: wallets.get(name) for name in named}
+            known = len(state.decisions)
             decisions = decide_batch(state, records)
             after = {name: wallets.get(name) for name in named}
             decided.writes.append(Write(partition, batch.seen_offset, records[-1].record.offset + 1, state.clock_ms,
                                         before, after, decisions))  # fmt: skip
-            decided.states[partition] = _carried(state, named, decisions)
+            decided.states[partition] = _carried(state, named, known)
         return decided
 
     async def commit(self, topic: str, decided: Decided, render: Render,
