@@ -190,11 +190,22 @@ class Processor:
         await self.flush()
 
     async def tend(self) -> None:
-        """Publish what partitions left in their outboxes (a failed publish, a fenced commit) when
-        no batch of theirs comes along to do it first."""
+        """Delete the outbox rows the broker has acknowledged on partitions with no batch under way
+        (one statement for all of them), and publish what partitions left in their outboxes (a
+        failed publish, a fenced commit) when no batch of theirs comes along to do it first."""
         if self.stopping or self._database_away_since_s is not None:
             return
         async with self.busy:
+            idle = [p for p in self._partitions.values() if p.acknowledged and p.committing is None and not p.applying]
+            taken = {partition: partition.acknowledged for partition in idle}
+            for partition in idle:
+                partition.acknowledged = []
+            try:
+                await self._store.delete_outbox([position for positions in taken.values() for position in positions])
+            except INFRA_ERRORS as error:
+                log.warning("outbox rows not deleted yet (%r)", error)
+                for partition, positions in taken.items():
+                    partition.acknowledged.extend(positions)
             for partition in list(self._partitions.values()):
                 if partition.phase is Phase.CLAIMED and self._partitions.get(partition.number) is partition:
                     await self.flush([partition.number])
@@ -417,10 +428,10 @@ class Processor:
         return True
 
     async def _publish(self, partition: Partition, outbox: Outbox | None) -> None:
-        """After the commit. A failure loses nothing: the row stays in the outbox until published."""
+        """After the commit. A failure loses nothing: the row stays in the outbox until published.
+        A published row is deleted by the partition's next batch transaction, or by `tend` within a
+        second when none comes: never by a statement of its own per batch."""
         if outbox is None:
-            if not partition.applying:
-                await self._tidy(partition)
             return
         count = len(outbox.records)
         metrics.OUTBOX_BACKLOG.inc(count)
@@ -436,8 +447,6 @@ class Processor:
             partition.phase = Phase.CLAIMED  # its outbox is published again before its next batch
         finally:
             metrics.OUTBOX_BACKLOG.dec(count)
-        if not partition.applying:
-            await self._tidy(partition)
 
     # --- database outages ------------------------------------------------------------------------
 
