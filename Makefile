@@ -28,7 +28,7 @@ test-tools:
 		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y faketime >/dev/null; }
 	@command -v faketime >/dev/null || { echo "the clock-skew test needs the Debian package faketime"; exit 1; }
 
-## bench: the standard benchmark suite (about 7 minutes); rewrites docs/BENCHMARKS.md.
+## bench: the standard benchmark suite (about 5 minutes); rewrites docs/BENCHMARKS.md.
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python loadtest/bench.py

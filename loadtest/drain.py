@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import signal
 import sys
@@ -208,11 +207,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments_ = arguments()
-    result = asyncio.run(main(arguments_))
-    if arguments_.out:
-        Path(arguments_.out).write_text(json.dumps(result))
-    print(json.dumps(result))
-    if arguments_.profile:
-        for share, frame in top_frames(Path(arguments_.profile)):
+    load.run_from_command_line(main, arguments)
+    profiled = arguments().profile
+    if profiled:
+        for share, frame in top_frames(Path(profiled)):
             print(f"{share:5.1f}%  {frame}")

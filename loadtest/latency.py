@@ -13,8 +13,6 @@ reply. Checks the ledger afterwards as `load.py` does and prints one JSON object
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import signal
 import sys
 import time
@@ -99,8 +97,4 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    arguments_ = arguments()
-    result = asyncio.run(main(arguments_))
-    if arguments_.out:
-        Path(arguments_.out).write_text(json.dumps(result))
-    print(json.dumps(result))
+    load.run_from_command_line(main, arguments)

@@ -520,10 +520,15 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def run_from_command_line(main, arguments, shown=lambda result: result) -> dict:
+    """One run of a load tool from its command line: the whole result to `--out`, `shown` of it printed."""
+    args = arguments()
+    result = asyncio.run(main(args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result))
+    print(json.dumps(shown(result)))
+    return result
+
+
 if __name__ == "__main__":
-    arguments_ = arguments()
-    result = asyncio.run(main(arguments_))
-    text = json.dumps(result)
-    if arguments_.out:
-        Path(arguments_.out).write_text(text)
-    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}))
+    run_from_command_line(main, arguments, lambda result: {k: v for k, v in result.items() if k != "timeline"})

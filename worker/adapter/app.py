@@ -156,10 +156,9 @@ def build_app(settings: Settings) -> FastStream:
                 _exit_if_stuck()
             await processor.close()
             await processor.flush()  # what was committed goes out before the worker does
-            for name in ("tending",):
-                if name in runtime:
-                    runtime[name].cancel()
-                    await asyncio.gather(runtime[name], return_exceptions=True)
+            if "tending" in runtime:
+                runtime["tending"].cancel()
+                await asyncio.gather(runtime["tending"], return_exceptions=True)
             if runtime.get("metrics") is not None:
                 runtime["metrics"].close()
             if "sweeper" in runtime:

@@ -63,7 +63,6 @@ class Partition:
     phase: Phase = Phase.CLAIMED
     rewound_to: int | None = None  # the offset it was last sought back to (see `_skipped_ahead`)
     acknowledged: list[int] = field(default_factory=list)  # outbox rows the broker has, to delete
-    applying: bool = False  # its batch transaction is under way
     committing: asyncio.Task[None] | None = None  # its last decided batch, being stored
     publishing: asyncio.Task[None] | None = None  # its last committed batch, on its way to the broker
     # What its batches decided so far (wallets, holds): the next batch starts from it, whether or
@@ -196,7 +195,7 @@ class Processor:
         if self.stopping or self._database_away_since_s is not None:
             return
         async with self.busy:
-            idle = [p for p in self._partitions.values() if p.acknowledged and p.committing is None and not p.applying]
+            idle = [p for p in self._partitions.values() if p.acknowledged and p.committing is None]
             taken = {partition: partition.acknowledged for partition in idle}
             for partition in idle:
                 partition.acknowledged = []
@@ -336,7 +335,7 @@ class Processor:
                     return  # revoked meanwhile: the new owner decides these
                 taken = {partition: partition.acknowledged for partition in owned}
                 for partition in owned:
-                    partition.acknowledged, partition.applying = [], True
+                    partition.acknowledged = []
                 try:
                     began_s = time.monotonic()
                     outcome = await Decider(self._store).commit(
@@ -357,9 +356,6 @@ class Processor:
                     await asyncio.sleep(delay_s)
                     delay_s = min(delay_s * 2, INFRA_BACKOFF_MAX_S)
                     continue
-                finally:
-                    for partition in owned:
-                        partition.applying = False
                 self._database_back()
                 metrics.HEALTH.last_batch_ok_s, metrics.HEALTH.last_error = time.monotonic(), None
                 for partition in owned:

@@ -1,10 +1,10 @@
 """Publishes outbox records after their commit: at least once, never lost.
 
-FastStream's `publish` takes a body to encode and headers as text, and costs about 40 µs a
-record; the outbox holds finished records (exact bytes, binary headers of a dead letter), so they
-go through the aiokafka producer that FastStream's broker owns and has already connected, a
-produce batch per topic partition (`create_batch`/`send_batch`: about 2 µs a record, where
-`send` per record takes 5 to 7).
+FastStream's `publish` takes a body to encode and headers as text (and costs about 40 µs a record,
+by issue 10's figures); the outbox holds finished records (exact bytes, binary headers of a dead
+letter), so they go through the aiokafka producer that FastStream's broker owns and has already
+connected, a produce batch per topic partition (`create_batch`/`send_batch`) rather than a `send`
+per record.
 """
 
 from __future__ import annotations
@@ -17,14 +17,13 @@ from collections.abc import Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 
 from worker.core.outgoing import Outgoing
+from worker.core.placement import partition_of
 
 SEND_TIMEOUT_S = 30
 TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions (or its absence) are taken as known
 TOPIC_CACHE_SIZE_MAX = 10_000
-PLACEMENTS_CACHED_MAX = 1_000_000  # (key, partition count) -> partition; murmur2 is pure Python in aiokafka
 LOG_INTERVAL_S = 10.0  # a sender's bad reply addresses are logged once per interval, not per record
 log = logging.getLogger("floorguard.publisher")
 
@@ -56,7 +55,6 @@ class Publisher:
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
-        self._placements: dict[tuple[bytes, int], int] = {}
         self._placed_by_key = _Sparse()
         self._dead_lettered = _Sparse()
 
@@ -95,16 +93,11 @@ class Publisher:
             futures.append(await producer.send_batch(builder, topic, partition=partition))
         await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
 
-    def _place(self, key: bytes | None, count: int) -> int:
-        """The partition Kafka's default partitioner picks for the key, as every client does."""
-        if key is None:
-            return random.randrange(count)
-        placed = self._placements.get((key, count))
-        if placed is None:
-            if len(self._placements) >= PLACEMENTS_CACHED_MAX:
-                self._placements.clear()
-            placed = self._placements[(key, count)] = (murmur2(key) & 0x7FFFFFFF) % count
-        return placed
+    @staticmethod
+    def _place(key: bytes | None, count: int) -> int:
+        """The partition Kafka's default partitioner picks for the key, as every client does (a
+        record without a key, a dead letter's, goes to any)."""
+        return random.randrange(count) if key is None else partition_of(key, count)
 
     async def _deliverable(self, record: Outgoing) -> Outgoing:
         try:
