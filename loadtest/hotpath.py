@@ -27,7 +27,7 @@ from worker.core.decide import decide_batch  # noqa: E402
 from worker.core.model import PartitionState, Wallet  # noqa: E402
 from worker.core.outgoing import rendered  # noqa: E402
 from worker.core.parse import parse  # noqa: E402
-from worker.store.rows import decision_rows, encode_records  # noqa: E402
+from worker.store.rows import decision_columns, encode_records  # noqa: E402
 
 ROUNDS = 5
 FORBIDDEN = ("fg.commands", "fg.events", "fg.dlq")
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     stored = [(decision, encoded) for decision, (encoded, _) in zip(decided, sent, strict=True) if decision.stored]
 
     def writing():
-        return decision_rows([d for d, _ in stored], [e for _, e in stored]), encode_records(
+        return decision_columns([d for d, _ in stored], [e for _, e in stored]), encode_records(
             [record for _, records in sent for record in records])
 
     columns_s, _ = best(writing)

@@ -204,7 +204,7 @@ class Client:
         self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0,
                                          max_batch_size=262_144, enable_idempotence=True)  # fmt: skip
         self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                         fetch_max_wait_ms=5)  # fmt: skip
+                                         fetch_max_wait_ms=500)  # fmt: skip
         self.on_reserved = lambda wallet, reserve_id, reply, now: None
         self.reply_to = ("reply_to", settings.topics.replies.encode())
         self.placed: dict[str, Placed] = {}

@@ -12,12 +12,11 @@ import pytest
 
 from tests.conftest import ROOT, wait_until_serving, worker_env
 from tests.harness import Replies, books, events, send_all
-from worker.core.model import Parsed, Record
+from worker.core.model import Parsed, Record, Wallet
 from worker.core.outgoing import rendered
 from worker.core.parse import parse
 from worker.decider import Decider
-from worker.store.queries import QUERIES
-from worker.store.store import Committed, Fenced, PartitionBatch, Store
+from worker.store.store import Committed, Fenced, GuardRefused, PartitionBatch, Store, Write
 
 
 async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
@@ -153,17 +152,34 @@ async def books_after_outbox_cleared(database_url: str):
 
 async def test_the_database_refuses_an_overdraft_even_from_a_buggy_writer(settings):
     connection = await asyncpg.connect(settings.database_url)
+    store = await Store.connect(settings.database_url)
     try:
         await connection.execute("INSERT INTO wallets VALUES ('w', 10, 0, 0, 1, 0)")
-        # The guarded statement moves nothing when the move would cross the floor ...
-        status = await connection.execute(QUERIES["apply_wallets"], '{"w"}', "{-11}", "{0}", "{1}", "{2}")
-        assert status == "UPDATE 0"
-        moved = QUERIES["apply_wallets"].replace(";", "") + " RETURNING 1"
-        assert await connection.fetchval(moved, '{"w"}', "{-10}", "{0}", "{1}", "{2}") == 1
+        await connection.execute("INSERT INTO partitions VALUES ('buggy', 0, 0, 0)")
+        version = await connection.fetchval("SELECT version FROM auth_settings")
+
+        def move(balance: int, seen: int) -> Write:  # what a buggy core might hand the store
+            return Write(0, seen, seen + 1, 0, {"w": Wallet("w", 10 if seen == 0 else 0, 0, 0, 1 + seen, 0)},
+                         {"w": Wallet("w", balance, 0, 0, 2 + seen, 0)}, [])  # fmt: skip
+
+        # The guarded statement moves nothing when the move would cross the floor, and the whole
+        # transaction is refused: the partition's position did not move either ...
+        with pytest.raises(GuardRefused, match="changed 0 of 1 wallets"):
+            await store.commit("buggy", [move(-1, 0)], {0: []}, ([], []), [], version)
+        assert await connection.fetchval("SELECT balance FROM wallets WHERE wallet = 'w'") == 10
+        assert await connection.fetchval("SELECT next_offset FROM partitions WHERE topic = 'buggy'") == 0
+        stored = await store.commit("buggy", [move(0, 0)], {0: []}, ([], []), [], version)
+        assert not stored.fenced and stored.auth_version is None
+        assert await connection.fetchval("SELECT balance FROM wallets WHERE wallet = 'w'") == 0
+        # ... a move from a seq the wallet is no longer at is refused the same way ...
+        with pytest.raises(GuardRefused):
+            await store.commit("buggy", [Write(0, 1, 2, 0, {"w": Wallet("w", 10, 0, 0, 1, 0)},
+                                               {"w": Wallet("w", 5, 0, 0, 2, 0)}, [])], {0: []}, ([], []), [], version)  # fmt: skip
         # ... and the CHECK constraint stops any other statement.
         with pytest.raises(asyncpg.CheckViolationError):
             await connection.execute("UPDATE wallets SET balance = -1 WHERE wallet = 'w'")
     finally:
+        await store.close()
         await connection.close()
 
 

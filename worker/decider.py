@@ -7,10 +7,10 @@ previous one commits):
 1. `decide`: read what the partitions' states lack (wallets, holds, the earlier decisions under
    the batch's ids, prices, the auth state), then run the pure core over each batch, in memory:
    the same call a replay makes.
-2. `commit`: one transaction that locks the partitions' rows and checks that each stored position
-   is the one the batch was decided from (else another worker, or a failed commit, moved it: the
-   partition is fenced and left out), checks that the auth state has not changed since step 1,
-   and writes the decisions: one flush for every partition in it.
+2. `commit`: one transaction, in one round trip, that locks the partitions' rows and checks that
+   each stored position is the one the batch was decided from (else another worker, or a failed
+   commit, moved it: the partition is fenced and left out), checks that the auth state has not
+   changed since step 1, and writes the decisions: one flush for every partition in it.
 
 A partition's state (its wallets and holds) is carried from one batch to the next by the worker, so
 that a busy partition reads only what it has not seen. It is valid because every wallet is written
@@ -24,7 +24,8 @@ from itertools import islice
 from dataclasses import dataclass, field
 
 from worker.core.decide import decide_batch
-from worker.core.model import Command, Parsed, PartitionState
+from worker.core.model import Command, Decision, Parsed, PartitionState
+from worker.core.outgoing import Outgoing
 from worker.store.store import Committed, Fenced, PartitionBatch, Render, Store, Write
 
 # A partition's carried state is started afresh past this many wallets: memory stays bounded, and
@@ -57,6 +58,13 @@ def _carried(state: PartitionState, named: set[str], known: int) -> PartitionSta
         state.wallets = {name: state.wallets[name] for name in named if name in state.wallets}
         state.holds = {key: hold for key, hold in state.holds.items() if key[0] in named}
     return state
+
+
+def _stored_of(writes: Sequence[Write], stored: tuple[list[Decision], list[bytes]]) -> tuple[list[Decision], list[bytes]]:
+    """Of the stored decisions and their replies, those of these partitions' batches."""
+    partitions = {write.partition for write in writes}
+    kept = [(d, e) for d, e in zip(*stored, strict=True) if d.parsed.record.partition in partitions]
+    return [d for d, _ in kept], [e for _, e in kept]
 
 
 class Decider:
@@ -123,29 +131,38 @@ class Decider:
                      published: Sequence[int] = ()) -> dict[int, Committed | Fenced]:  # fmt: skip
         """Store what `decide` decided, in one transaction; each partition's outcome. `published`
         names outbox rows the broker has acknowledged since: they are deleted in the same
-        transaction. Raises `AuthChanged` (nothing stored) when keys or modes changed meanwhile."""
+        transaction. Raises `AuthChanged` (nothing stored) when keys or modes changed meanwhile.
+
+        A partition found fenced is left out, and the others are stored by a second call: the
+        transaction writes nothing when one of its partitions is fenced."""
         outcome = dict(decided.outcome)
         store = self._store
-        if not decided.writes:
-            await store.delete_outbox(published)
-            return outcome
-        async with store.transaction() as connection:
-            positions, auth_version = await store.lock(connection, topic, [write.partition for write in decided.writes])
-            writes = []
-            for write in decided.writes:
-                position = positions.get(write.partition)
-                if position is None or position.next_offset != write.seen_offset:
-                    outcome[write.partition] = Fenced(write.partition, -1 if position is None else position.next_offset)
-                else:
-                    writes.append(write)
-            # Read with the lock: a key change holds the partitions table while it commits, so it is
-            # wholly before this transaction or wholly after it (docs/security.md, D26).
-            if writes and auth_version != decided.auth_version:
-                raise AuthChanged()
-            outboxes = await store.write(connection, topic, writes, render, published)
+        writes = decided.writes
+        sends: dict[int, list[Outgoing]] = {}
+        stored: tuple[list[Decision], list[bytes]] = ([], [])
         for write in writes:
-            outcome[write.partition] = Committed(write.next_offset, write.decisions, outboxes[write.partition],
-                                                 decided.states[write.partition])  # fmt: skip
+            records = sends[write.partition] = []
+            for decision in write.decisions:
+                encoded, outgoing = render(decision)
+                records += outgoing
+                if decision.stored:
+                    stored[0].append(decision)
+                    stored[1].append(encoded)
+        while writes:
+            result = await store.commit(topic, writes, sends, stored, published, decided.auth_version)
+            if result.auth_version is not None:
+                raise AuthChanged()
+            if not result.fenced:
+                for write in writes:
+                    outcome[write.partition] = Committed(write.next_offset, write.decisions,
+                                                         result.outboxes.get(write.partition),
+                                                         decided.states[write.partition])  # fmt: skip
+                return outcome
+            for partition, stored_offset in result.fenced.items():
+                outcome[partition] = Fenced(partition, stored_offset)
+            writes = [write for write in writes if write.partition not in result.fenced]
+            stored = _stored_of(writes, stored)
+        await store.delete_outbox(published)
         return outcome
 
     async def apply(self, topic: str, batches: Sequence[PartitionBatch], render: Render,

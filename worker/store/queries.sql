@@ -12,31 +12,22 @@ SELECT next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = $2
 -- name: partition_positions_of
 SELECT partition, next_offset, clock_ms FROM partitions WHERE topic = $1 AND partition = ANY($2::integer[]);
 
--- name: lock_partitions
--- With the auth version (see auth_version): the statement takes its lock on the partitions table
--- before its snapshot, so a key change (which holds the table in EXCLUSIVE mode until it commits)
--- is either visible in this read or waits for this transaction to end.
-SELECT partition, next_offset, clock_ms, (SELECT version FROM auth_settings) AS auth_version
-FROM partitions
-WHERE topic = $1 AND partition = ANY($2::integer[])
-ORDER BY partition FOR UPDATE;
-
--- name: finish_batch
--- The end of a batch's transaction in one round trip: each partition advanced from the offset this
--- worker saw (its rows are locked by the batch) to where its batch ends; the outbox rows the broker
--- has acknowledged deleted; each partition's records to publish inserted as one row.
-WITH advanced AS (
-    UPDATE partitions AS p SET next_offset = a.next_offset, clock_ms = a.clock_ms
-    FROM unnest($2::text::integer[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
-        AS a (partition, seen_offset, next_offset, clock_ms)
-    WHERE p.topic = $1 AND p.partition = a.partition AND p.next_offset = a.seen_offset
-    RETURNING 1
-), published AS (
-    DELETE FROM outbox WHERE position = ANY($6::text::bigint[]) RETURNING 1
-)
-INSERT INTO outbox (source_topic, source_partition, records)
-SELECT $1, o.source_partition, o.records FROM unnest($7::text::integer[], $8::bytea[]) AS o (source_partition, records)
-RETURNING source_partition, position;
+-- name: commit_batch
+-- A batch's transaction in one round trip (migrations/0006_commit_in_one_call.sql). Lists of ids
+-- and integers come as one text parameter each, in array syntax (worker/store/rows.py); memos and
+-- replies, which may hold any character, as text arrays.
+SELECT result_kind, result_partition, result_value FROM floorguard_commit(
+    $1,
+    $2::text::integer[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[],
+    $6, $7::text::bigint[],
+    $8::text::text[], $9::text::bigint[], $10::text::integer[],
+    $11::text::text[], $12::text::bigint[], $13::text::bigint[], $14::text::bigint[], $15::text::bigint[],
+    $16::text::text[], $17::text::text[], $18::text::bigint[], $19::text::bigint[], $20::text::boolean[],
+    $21::text::integer[],
+    $22::text::text[], $23::text::text[], $24::text::bigint[], $25::text::text[], $26::text::smallint[],
+    $27::text::text[], $28::text::bigint[], $29::text::bigint[], $30::text::bigint[], $31::text::bigint[],
+    $32::text::text[], $33::text[], $34::text::integer[], $35::text::bigint[], $36::text[],
+    $37::text::integer[], $38::bytea[]);
 
 -- Lists of ids and integers come as one text parameter each, in array syntax (worker/store/rows.py).
 
@@ -48,24 +39,6 @@ FROM wallets WHERE wallet = ANY($1::text::text[]);
 SELECT d.wallet, d.id, d.fingerprint, d.reply
 FROM decisions AS d
 JOIN unnest($1::text::text[], $2::text::text[]) AS k (wallet, id) ON d.wallet = k.wallet AND d.id = k.id;
-
--- name: insert_wallets
-INSERT INTO wallets (wallet, balance, reserved, floor, seq, partition)
-SELECT wallet, 0, 0, floor, 1, partition
-FROM unnest($1::text::text[], $2::text::bigint[], $3::text::integer[]) AS n (wallet, floor, partition);
-
--- name: apply_wallets
--- The guarded statement: check and move in the same breath. A row whose move would take it
--- below its floor, or whose seq is not the one the decision was made on, is not updated.
-UPDATE wallets AS w
-SET balance = w.balance + n.balance_delta,
-    reserved = w.reserved + n.reserved_delta,
-    seq = n.seq
-FROM unnest($1::text::text[], $2::text::bigint[], $3::text::bigint[], $4::text::bigint[], $5::text::bigint[])
-    AS n (wallet, balance_delta, reserved_delta, seq_before, seq)
-WHERE w.wallet = n.wallet
-  AND w.seq = n.seq_before
-  AND w.balance + n.balance_delta - (w.reserved + n.reserved_delta) >= w.floor;
 
 -- name: outbox_of_partition
 SELECT position, records FROM outbox WHERE source_topic = $1 AND source_partition = $2
@@ -96,13 +69,6 @@ INSERT INTO schema_migrations (version) VALUES ($1);
 SELECT h.wallet, h.hold, h.amount, h.expires_at_ms, h.open, h.partition
 FROM holds AS h
 JOIN unnest($1::text::text[], $2::text::text[]) AS k (wallet, hold) ON h.wallet = k.wallet AND h.hold = k.hold;
-
--- name: upsert_holds
-INSERT INTO holds (wallet, hold, amount, expires_at_ms, open, partition)
-SELECT * FROM unnest($1::text::text[], $2::text::text[], $3::text::bigint[], $4::text::bigint[],
-                     $5::text::boolean[], $6::text::integer[])
-ON CONFLICT (wallet, hold) DO UPDATE
-SET amount = excluded.amount, expires_at_ms = excluded.expires_at_ms, open = excluded.open;
 
 -- name: load_prices
 SELECT model, valid_from_ms, input_price, output_price FROM prices WHERE model = ANY($1::text[]);
@@ -200,9 +166,9 @@ ON CONFLICT DO NOTHING;
 SELECT NOT EXISTS (SELECT 1 FROM wallets) AND NOT EXISTS (SELECT 1 FROM partitions);
 
 -- name: auth_version
--- Read when a batch is decided, and again in its transaction after its partition rows are locked:
--- a key change (which locks the partitions table until it commits) is then wholly before the
--- batch or wholly after it, and a batch decided under an older version is decided again.
+-- Read by a worker at start and when a commit met another version (floorguard_commit compares it
+-- after the partitions' rows are locked: a key change, which locks the partitions table until it
+-- commits, is then wholly before the batch or wholly after it), and by the tools.
 SELECT version, master_check FROM auth_settings;
 
 -- name: auth_modes

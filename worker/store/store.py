@@ -7,9 +7,9 @@ this module knows the tables and the statements, not the order of a batch.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
 
 import asyncpg
 
@@ -17,13 +17,14 @@ from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
 from worker.store.queries import QUERIES
-from worker.store.rows import DECISION_COLUMNS, bool_array, decision_rows, decode_records, encode_records, id_array, int_array
+from worker.store.rows import bool_array, decision_columns, decode_records, encode_records, id_array, int_array
 
 # A decision's encoded reply, and the records it sends (reply or dead letter, event).
 Render = Callable[[Decision], tuple[bytes, list[Outgoing]]]
 
 POOL_SIZE_MAX = 8
 COMMAND_TIMEOUT_S = 30
+GUARD_REFUSED_SQLSTATE = "FG001"  # raised by floorguard_commit when the guarded statement skips a wallet
 CONNECT_TIMEOUT_S = 10
 
 
@@ -96,6 +97,17 @@ class Write:
     decisions: list[Decision]
 
 
+@dataclass(slots=True)
+class Stored:
+    """What `Store.commit` did: each written partition's outbox row (None: nothing to send), or,
+    having written nothing, the partitions fenced (with where each stands) or the auth version
+    that is not the batch's."""
+
+    outboxes: dict[int, Outbox | None] = field(default_factory=dict)
+    fenced: dict[int, int] = field(default_factory=dict)
+    auth_version: int | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class Outbox:
     """One outbox row: a partition's batch of records to publish, then delete by position."""
@@ -115,6 +127,9 @@ class Store:
         self._auth_version: int | None = None
         self._auth_modes: tuple[tuple[int, bool], ...] = ()
         self._auth_keys: dict[str, Key | None] = {}  # None: no such key (at that version)
+        # Set when a commit met another version: until then batches are decided under the cached
+        # one without reading it, and the commit, which reads it under the lock, says when it moved.
+        self._auth_stale = True
 
     @classmethod
     async def connect(
@@ -126,6 +141,7 @@ class Store:
             max_size=pool_size_max,
             command_timeout=COMMAND_TIMEOUT_S,
             timeout=CONNECT_TIMEOUT_S,
+            reset=_keep_session,
         )
         return cls(pool, master_secret)
 
@@ -147,26 +163,10 @@ class Store:
         """A connection of the pool, each statement its own transaction."""
         return self._pool.acquire()
 
-    @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[asyncpg.Connection]:
-        """A connection of the pool inside one transaction: committed on leaving, rolled back on error."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            yield connection
-
     async def positions(self, connection: asyncpg.Connection, topic: str, partitions: Sequence[int]) -> dict[int, Position]:
         """Where each partition stands, as committed (no lock)."""
         rows = await connection.fetch(QUERIES["partition_positions_of"], topic, sorted(partitions))
         return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
-
-    async def lock(self, connection: asyncpg.Connection, topic: str,
-                   partitions: Sequence[int]) -> tuple[dict[int, Position], int]:  # fmt: skip
-        """Lock the partitions' rows, in partition order (so that two workers never wait on each
-        other in a cycle); where each stands (a partition missing here was never claimed), and the
-        auth version as of the lock (see `auth_version`)."""
-        rows = await connection.fetch(QUERIES["lock_partitions"], topic, sorted(partitions))
-        positions = {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
-        version = int(rows[0]["auth_version"]) if rows else await self.auth_version(connection)
-        return positions, version
 
     async def load(self, connection: asyncpg.Connection, states: dict[int, PartitionState],
                    batches: dict[int, Sequence[Parsed]]) -> None:  # fmt: skip
@@ -224,17 +224,25 @@ class Store:
         """The auth state's version, and the auth modes and the keys the batch names at that
         version; no authority while authentication has never been switched on.
 
+        The version is read only when the cache is stale (at start, and after a commit met another
+        one): a batch decided under a version that has moved is refused by its commit, which reads
+        the version under the partitions' lock (`commit`), and decided again.
+
         Batches are decided side by side (a heavy fetch's partitions), so what one reads is put
         together in locals and cached only when its version is the newest seen: a batch never
         decides with another version's modes or keys, nor finds a key it names cached as absent."""
-        version = await self.auth_version(connection)
-        if version == self._auth_version:
-            modes, cached = self._auth_modes, self._auth_keys
+        if not self._auth_stale and self._auth_version is not None:
+            version, modes, cached = self._auth_version, self._auth_modes, self._auth_keys
         else:
-            rows = await connection.fetch(QUERIES["auth_modes"])
-            modes, cached = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows), {}
-            if self._auth_version is None or version > self._auth_version:  # versions only grow
-                self._auth_version, self._auth_modes, self._auth_keys = version, modes, cached
+            self._auth_stale = False
+            version = await self.auth_version(connection)
+            if version == self._auth_version:
+                modes, cached = self._auth_modes, self._auth_keys
+            else:
+                rows = await connection.fetch(QUERIES["auth_modes"])
+                modes, cached = tuple((int(r["valid_from_ms"]), r["mode"] == "required") for r in rows), {}
+                if self._auth_version is None or version > self._auth_version:  # versions only grow
+                    self._auth_version, self._auth_modes, self._auth_keys = version, modes, cached
         if not modes:
             return version, None
         named = {parsed.credentials.key_id for parsed in batch if isinstance(parsed.credentials, Credentials)}
@@ -249,11 +257,14 @@ class Store:
         keys = {key_id: key for key_id in named if (key := found.get(key_id) or cached.get(key_id)) is not None}
         return version, Authority(modes, keys, self._secret_of)
 
-    async def write(self, connection: asyncpg.Connection, topic: str, writes: Sequence[Write], render: Render,
-                    published: Sequence[int]) -> dict[int, Outbox | None]:  # fmt: skip
-        """Store what the batches decided: wallets through the guarded statement, holds, decisions,
-        one outbox row per partition; delete the acknowledged outbox rows; advance each partition
-        from the offset this worker saw to the one after its batch. Returns each partition's outbox."""
+    async def commit(self, topic: str, writes: Sequence[Write], sends: dict[int, list[Outgoing]],
+                     stored: tuple[list[Decision], list[bytes]], published: Sequence[int],
+                     auth_version: int | None) -> Stored:  # fmt: skip
+        """Store what the batches decided, in one transaction and one round trip: wallets through
+        the guarded statement, holds, decisions (`stored`: the stored decisions and their encoded
+        replies), one outbox row per partition of what it sends; delete the acknowledged outbox
+        rows; advance each partition from the offset this worker saw to the one after its batch.
+        Nothing is written when a partition is fenced or the auth version is not `auth_version`."""
         opened: list[Wallet] = []
         moved: list[tuple[Wallet, Wallet]] = []  # (as the batch found it, as it leaves it)
         holds: dict[tuple[str, str], Hold] = {}  # a batch may change one hold twice: the last counts
@@ -270,53 +281,41 @@ class Store:
             for decision in write.decisions:
                 if decision.stored and decision.hold is not None:
                     holds[(decision.hold.wallet, decision.hold.hold)] = decision.hold
-        if opened:
-            await connection.execute(QUERIES["insert_wallets"], id_array([w.wallet for w in opened]),
-                                     int_array(w.floor for w in opened), int_array(w.partition for w in opened))  # fmt: skip
-        if moved:
-            status = await connection.execute(
-                QUERIES["apply_wallets"], id_array([a.wallet for _, a in moved]),
-                int_array(a.balance - b.balance for b, a in moved), int_array(a.reserved - b.reserved for b, a in moved),
-                int_array(b.seq for b, _ in moved), int_array(a.seq for _, a in moved))  # fmt: skip
-            if status != f"UPDATE {len(moved)}":
-                raise GuardRefused(f"guarded update changed {status!r} of {len(moved)} wallets")
-        if holds:
-            latest = list(holds.values())
-            await connection.execute(QUERIES["upsert_holds"], id_array([h.wallet for h in latest]),
-                                     id_array([h.hold for h in latest]), int_array(h.amount for h in latest),
-                                     int_array(h.expires_at_ms for h in latest), bool_array(h.open for h in latest),
-                                     int_array(h.partition for h in latest))  # fmt: skip
-        sends = await self._write_decisions(connection, writes, render)
+        ordered = sorted(writes, key=lambda write: write.partition)
+        latest = list(holds.values())
         kept = [(partition, records) for partition, records in sends.items() if records]
-        rows = await connection.fetch(
-            QUERIES["finish_batch"], topic, int_array(w.partition for w in writes),
-            int_array(w.seen_offset for w in writes), int_array(w.next_offset for w in writes),
-            int_array(w.clock_ms for w in writes), int_array(published), int_array(p for p, _ in kept),
-            [encode_records(records) for _, records in kept])  # fmt: skip
-        outboxes: dict[int, Outbox | None] = {partition: None for partition in sends}
-        for row in rows:
-            partition = int(row["source_partition"])
-            outboxes[partition] = Outbox(int(row["position"]), sends[partition])
-        return outboxes
-
-    async def _write_decisions(self, connection: asyncpg.Connection, writes: Sequence[Write],
-                               render: Render) -> dict[int, list[Outgoing]]:  # fmt: skip
-        """The stored decisions, each with its reply encoded once; each partition's records to send."""
-        stored: list[Decision] = []
-        replies: list[bytes] = []
-        sends: dict[int, list[Outgoing]] = {}
-        for write in writes:
-            records = sends[write.partition] = []
-            for decision in write.decisions:
-                encoded, outgoing = render(decision)
-                records += outgoing
-                if decision.stored:
-                    stored.append(decision)
-                    replies.append(encoded)
-        if stored:
-            await connection.copy_records_to_table("decisions", records=decision_rows(stored, replies),
-                                                   columns=DECISION_COLUMNS)  # fmt: skip
-        return sends
+        async with self._pool.acquire() as connection:
+            try:
+                rows = await connection.fetch(
+                    QUERIES["commit_batch"], topic,
+                    int_array(w.partition for w in ordered), int_array(w.seen_offset for w in ordered),
+                    int_array(w.next_offset for w in ordered), int_array(w.clock_ms for w in ordered),
+                    auth_version, int_array(published),
+                    id_array([w.wallet for w in opened]), int_array(w.floor for w in opened),
+                    int_array(w.partition for w in opened),
+                    id_array([a.wallet for _, a in moved]), int_array(a.balance - b.balance for b, a in moved),
+                    int_array(a.reserved - b.reserved for b, a in moved), int_array(b.seq for b, _ in moved),
+                    int_array(a.seq for _, a in moved),
+                    id_array([h.wallet for h in latest]), id_array([h.hold for h in latest]),
+                    int_array(h.amount for h in latest), int_array(h.expires_at_ms for h in latest),
+                    bool_array(h.open for h in latest), int_array(h.partition for h in latest),
+                    *decision_columns(*stored),
+                    int_array(p for p, _ in kept), [encode_records(records) for _, records in kept])  # fmt: skip
+            except asyncpg.PostgresError as error:
+                if error.sqlstate == GUARD_REFUSED_SQLSTATE:
+                    raise GuardRefused(str(error)) from error
+                raise
+        result = Stored()
+        for kind, partition, value in rows:
+            if kind == "outbox":
+                result.outboxes[partition] = Outbox(value, sends[partition])
+            elif kind == "fenced":
+                result.fenced[partition] = value
+            else:
+                result.auth_version = value
+        if result.auth_version is not None and result.auth_version != self._auth_version:
+            self._auth_stale = True  # the next batch reads the auth state again
+        return result
 
     async def pending_outbox(self, topic: str, partition: int) -> list[Outbox]:
         """What an earlier owner of the partition committed but may not have published, in order."""
@@ -355,6 +354,12 @@ class Store:
         async with self._pool.acquire() as connection:
             row = await connection.fetchrow(QUERIES["show_wallet"], wallet)
         return None if row is None else Wallet(**dict(row))
+
+
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release, which by default sends a statement (RESET ALL and the like):
+    one more round trip per batch. The worker and the tools set no session state (no SET, LISTEN,
+    cursors or session locks), and asyncpg still rolls back a transaction left open."""
 
 
 def _opening(wallet: Wallet) -> Wallet:
