@@ -91,13 +91,15 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
         def render(decision):
             return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
 
+        decided = await Decider(store).decide(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
+                                                      PartitionBatch(1, 0, [opening(1, 0, "b1")])])  # fmt: skip
         await Decider(store).apply_one(topic, PartitionBatch(1, 0, [opening(1, 0, "b0")]), render)  # partition 1 moved on
-        outcome = await Decider(store).apply(topic, [PartitionBatch(0, 0, [opening(0, 0, "a0"), opening(0, 1, "a1")]),
-                                                     PartitionBatch(1, 0, [opening(1, 0, "b0")])], render)  # fmt: skip
+        outcome = await Decider(store).commit(topic, decided, render)
         assert isinstance(outcome[1], Fenced) and outcome[1].stored_offset == 1
         committed = outcome[0]
         assert committed.next_offset == 2 and [d.reply["wallet"] for d in committed.decisions] == ["a0", "a1"]
         assert len(committed.outbox.records) == 2  # the two events of partition 0, nothing of the fenced one
+        assert len(await store.pending_outbox(topic, 1)) == 1  # its own earlier batch's row, none of the fenced batch
         assert await store.claim(topic, 0) == 2 and await store.claim(topic, 1) == 1
     finally:
         await store.close()
@@ -165,16 +167,16 @@ async def test_the_database_refuses_an_overdraft_even_from_a_buggy_writer(settin
         # The guarded statement moves nothing when the move would cross the floor, and the whole
         # transaction is refused: the partition's position did not move either ...
         with pytest.raises(GuardRefused, match="changed 0 of 1 wallets"):
-            await store.commit("buggy", [move(-1, 0)], {0: []}, ([], []), [], version)
+            await store.commit("buggy", [move(-1, 0)], {0: []}, {0: []}, [], version)
         assert await connection.fetchval("SELECT balance FROM wallets WHERE wallet = 'w'") == 10
         assert await connection.fetchval("SELECT next_offset FROM partitions WHERE topic = 'buggy'") == 0
-        stored = await store.commit("buggy", [move(0, 0)], {0: []}, ([], []), [], version)
+        stored = await store.commit("buggy", [move(0, 0)], {0: []}, {0: []}, [], version)
         assert not stored.fenced and stored.auth_version is None
         assert await connection.fetchval("SELECT balance FROM wallets WHERE wallet = 'w'") == 0
         # ... a move from a seq the wallet is no longer at is refused the same way ...
         with pytest.raises(GuardRefused):
             await store.commit("buggy", [Write(0, 1, 2, 0, {"w": Wallet("w", 10, 0, 0, 1, 0)},
-                                               {"w": Wallet("w", 5, 0, 0, 2, 0)}, [])], {0: []}, ([], []), [], version)  # fmt: skip
+                                               {"w": Wallet("w", 5, 0, 0, 2, 0)}, [])], {0: []}, {0: []}, [], version)  # fmt: skip
         # ... and the CHECK constraint stops any other statement.
         with pytest.raises(asyncpg.CheckViolationError):
             await connection.execute("UPDATE wallets SET balance = -1 WHERE wallet = 'w'")

@@ -60,13 +60,6 @@ def _carried(state: PartitionState, named: set[str], known: int) -> PartitionSta
     return state
 
 
-def _stored_of(writes: Sequence[Write], stored: tuple[list[Decision], list[bytes]]) -> tuple[list[Decision], list[bytes]]:
-    """Of the stored decisions and their replies, those of these partitions' batches."""
-    partitions = {write.partition for write in writes}
-    kept = [(d, e) for d, e in zip(*stored, strict=True) if d.parsed.record.partition in partitions]
-    return [d for d, _ in kept], [e for _, e in kept]
-
-
 class Decider:
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -139,15 +132,14 @@ class Decider:
         store = self._store
         writes = decided.writes
         sends: dict[int, list[Outgoing]] = {}
-        stored: tuple[list[Decision], list[bytes]] = ([], [])
+        stored: dict[int, list[tuple[Decision, bytes]]] = {}  # each partition's stored decisions and replies
         for write in writes:
-            records = sends[write.partition] = []
+            records, replies = sends[write.partition], stored[write.partition] = [], []
             for decision in write.decisions:
                 encoded, outgoing = render(decision)
                 records += outgoing
                 if decision.stored:
-                    stored[0].append(decision)
-                    stored[1].append(encoded)
+                    replies.append((decision, encoded))
         while writes:
             result = await store.commit(topic, writes, sends, stored, published, decided.auth_version)
             if result.auth_version is not None:
@@ -161,7 +153,6 @@ class Decider:
             for partition, stored_offset in result.fenced.items():
                 outcome[partition] = Fenced(partition, stored_offset)
             writes = [write for write in writes if write.partition not in result.fenced]
-            stored = _stored_of(writes, stored)
         await store.delete_outbox(published)
         return outcome
 

@@ -24,8 +24,8 @@ Render = Callable[[Decision], tuple[bytes, list[Outgoing]]]
 
 POOL_SIZE_MAX = 8
 COMMAND_TIMEOUT_S = 30
-GUARD_REFUSED_SQLSTATE = "FG001"  # raised by floorguard_commit when the guarded statement skips a wallet
 CONNECT_TIMEOUT_S = 10
+GUARD_REFUSED_SQLSTATE = "FG001"  # raised by floorguard_commit when the guarded statement skips a wallet
 
 
 # Faults worth retrying: the connection went away or the server asked us to try again.
@@ -258,11 +258,11 @@ class Store:
         return version, Authority(modes, keys, self._secret_of)
 
     async def commit(self, topic: str, writes: Sequence[Write], sends: dict[int, list[Outgoing]],
-                     stored: tuple[list[Decision], list[bytes]], published: Sequence[int],
+                     stored: dict[int, list[tuple[Decision, bytes]]], published: Sequence[int],
                      auth_version: int | None) -> Stored:  # fmt: skip
         """Store what the batches decided, in one transaction and one round trip: wallets through
-        the guarded statement, holds, decisions (`stored`: the stored decisions and their encoded
-        replies), one outbox row per partition of what it sends; delete the acknowledged outbox
+        the guarded statement, holds, decisions (`stored`: each partition's stored decisions with
+        their encoded replies), one outbox row per partition of what it sends; delete the acknowledged outbox
         rows; advance each partition from the offset this worker saw to the one after its batch.
         Nothing is written when a partition is fenced or the auth version is not `auth_version`."""
         opened: list[Wallet] = []
@@ -283,7 +283,8 @@ class Store:
                     holds[(decision.hold.wallet, decision.hold.hold)] = decision.hold
         ordered = sorted(writes, key=lambda write: write.partition)
         latest = list(holds.values())
-        kept = [(partition, records) for partition, records in sends.items() if records]
+        kept = [(write.partition, sends[write.partition]) for write in ordered if sends[write.partition]]
+        decisions = [pair for write in ordered for pair in stored[write.partition]]
         async with self._pool.acquire() as connection:
             try:
                 rows = await connection.fetch(
@@ -299,7 +300,7 @@ class Store:
                     id_array([h.wallet for h in latest]), id_array([h.hold for h in latest]),
                     int_array(h.amount for h in latest), int_array(h.expires_at_ms for h in latest),
                     bool_array(h.open for h in latest), int_array(h.partition for h in latest),
-                    *decision_columns(*stored),
+                    *decision_columns([d for d, _ in decisions], [encoded for _, encoded in decisions]),
                     int_array(p for p, _ in kept), [encode_records(records) for _, records in kept])  # fmt: skip
             except asyncpg.PostgresError as error:
                 if error.sqlstate == GUARD_REFUSED_SQLSTATE:
