@@ -21,13 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402
 
 AMOUNT_MAX = 1_000
-PRELOAD_IN_FLIGHT = 20_000
 READ_RECORDS_MAX = 20_000
 DRAIN_TIMEOUT_S = 300
 PROFILE_AFTER_S = 4  # the worker's start and its first batches, left out of the profile
@@ -50,37 +47,37 @@ def commands(count: int, wallets: list[str], distribution: str, retry_share: flo
 
 
 async def preload(settings, batch: list[tuple[bytes, bytes, str]]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=5,
-                                max_batch_size=1_048_576, enable_idempotence=True)  # fmt: skip
-    await producer.start()
-    reply_to = settings.topics.replies.encode()
-    try:
-        pending = []
-        for key, value, correlation in batch:
-            headers = [("reply_to", reply_to), ("correlation_id", correlation.encode())]
-            pending.append(await producer.send(settings.topics.commands, value, key=key, headers=headers))
-            if len(pending) >= PRELOAD_IN_FLIGHT:
-                await asyncio.gather(*pending)
-                pending.clear()
-        await asyncio.gather(*pending)
-    finally:
-        await producer.stop()
+    """Every command onto the commands topic, each on its key's partition (murmur2), acknowledged."""
+    failed = []
+    producer = load.Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all", "enable.idempotence": True,
+                              "linger.ms": 20, "queue.buffering.max.messages": load.QUEUED_MAX,
+                              "delivery.report.only.error": True,
+                              "on_delivery": lambda error, record: failed.append(error)})  # fmt: skip
+    reply_to = ("reply_to", settings.topics.replies.encode())
+    placed: dict[bytes, int] = {}
+    for key, value, correlation in batch:
+        partition = placed.get(key)
+        if partition is None:
+            partition = placed[key] = load.partition_of(key, settings.partitions)
+        headers = [reply_to, ("correlation_id", correlation.encode())]
+        load.produce(producer, settings.topics.commands, value, key, partition, headers)
+    left = await asyncio.to_thread(producer.flush, 60)
+    if left:
+        raise TimeoutError(f"{left:,} commands not acknowledged by the broker within 60 s")
+    if failed:
+        raise load.KafkaException(failed[0])
 
 
 async def watch(settings, expected_replies: int, worker_pid: int) -> dict:
     """Reads replies and events from their ends until every command is answered; CPU and time at
-    the first and the last event."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                fetch_max_wait_ms=20, max_partition_fetch_bytes=4_194_304)  # fmt: skip
-    await consumer.start()
+    the first and the last event. librdkafka's consumer reads them: this process's own CPU stays
+    out of the worker's way."""
+    consumer = load.Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.topics.prefix}-drain",
+                              "enable.auto.commit": False, "fetch.wait.max.ms": 20})  # fmt: skip
     try:
-        events = [TopicPartition(settings.topics.events, p) for p in range(settings.partitions)]
-        replies = [TopicPartition(settings.topics.replies, p) for p in range(settings.partitions)]
-        consumer.assign(events + replies)
-        await consumer.seek_to_end(*events, *replies)
-        for tp in events + replies:
-            await consumer.position(tp)
-        answered: set[str] = set()
+        consumer.assign(await asyncio.to_thread(load.ends, consumer, settings.topics.events, settings.partitions)
+                        + await asyncio.to_thread(load.ends, consumer, settings.topics.replies, settings.partitions))  # fmt: skip
+        answered: set[bytes] = set()
         event_count = 0
         first = last = None
         first_ms = last_ms = 0
@@ -89,25 +86,28 @@ async def watch(settings, expected_replies: int, worker_pid: int) -> dict:
         while len(answered) < expected_replies:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(answered):,} of {expected_replies:,} commands answered in {DRAIN_TIMEOUT_S} s")
-            fetched = await consumer.getmany(timeout_ms=100, max_records=READ_RECORDS_MAX)
-            for tp, records in fetched.items():
-                if tp.topic == settings.topics.events:
+            records = await asyncio.to_thread(consumer.consume, READ_RECORDS_MAX, 0.1)
+            events = 0
+            for record in records:
+                if record.error() is not None:
+                    raise load.KafkaException(record.error())
+                if record.topic() == settings.topics.events:
                     if first is None:
                         parts = load.parts_of([worker_pid])  # the worker's database sessions exist by now
                         first = (time.monotonic(), load.cpu_of(parts))
-                        first_ms = records[0].timestamp
-                    event_count += len(records)
-                    last_ms = max(last_ms, records[-1].timestamp)
+                        first_ms = record.timestamp()[1]
+                    events += 1
+                    last_ms = max(last_ms, record.timestamp()[1])
                 else:
-                    for record in records:
-                        for name, value in record.headers:
-                            if name == "correlation_id":
-                                answered.add(value.decode())
-            if fetched and any(tp.topic == settings.topics.events for tp in fetched):
+                    for name, value in record.headers() or ():
+                        if name == "correlation_id":
+                            answered.add(value)
+            if events:
+                event_count += events
                 last = (time.monotonic(), load.cpu_of(parts))
         assert first is not None and last is not None
     finally:
-        await consumer.stop()
+        await asyncio.to_thread(consumer.close)
     return {"events": event_count, "answered": len(answered), "first": first, "last": last,
             "first_ms": first_ms, "last_ms": last_ms}  # fmt: skip
 

@@ -36,9 +36,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.partitioner import DefaultPartitioner
-from aiokafka.producer.message_accumulator import BatchBuilder
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from hdrh.histogram import HdrHistogram
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,6 +47,7 @@ from worker.adapter.topics import create_topics, delete_topics  # noqa: E402
 from worker.core.auth import auth_header  # noqa: E402
 from worker.cli import settings as resolve_settings  # noqa: E402
 from worker.config import Topics  # noqa: E402
+from worker.core.placement import partition_of  # noqa: E402
 from worker.store.migrate import migrate  # noqa: E402
 
 LATENCY_MAX_US = 60_000_000
@@ -57,6 +56,10 @@ DRAIN_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 5
 FUNDS = 10_000_000  # per wallet; the hot wallet gets less, so that its budget runs out mid-run
 AMOUNT_MAX = 1_000
+LINGER_MS = 1  # what librdkafka gathers into one request: small, for the latency it adds
+QUEUED_MAX = 1_000_000
+READ_MAX = 10_000
+ENDS_TIMEOUT_S = 30
 
 
 # A command's value, formatted as bytes directly (its ids and wallet names are plain ASCII): a
@@ -186,61 +189,60 @@ async def admin_key(settings: config.Settings) -> tuple[str, str]:
 
 
 class Client:
-    """Sends commands in batches, one per partition, and reads the replies in batches.
+    """Sends commands and reads their replies through librdkafka (confluent-kafka), whose produce and
+    consume cost about a microsecond or two of this process's Python per record: the generator must
+    not be the limit of what it measures (aiokafka, in Python, spends 20 µs and more per command on
+    its batches, requests and responses).
 
-    A record goes to the partition Kafka's default partitioner gives its key (the worker relies on a
-    wallet's commands being where any client puts them). `send` only appends to the partition's
-    batch. At each tick, unless the batches handed over before are still unacknowledged, `flush`
-    hands over every partition's batch: one produce request with all the records since the last one.
-    The producer sends one request at a time to a broker anyway, and a request costs this process
-    far more than a record (aiokafka encodes, decodes and schedules it in Python). The offer never
-    waits for the broker.
+    A record goes to the partition Kafka's default partitioner (murmur2) gives its key, set
+    explicitly: librdkafka's own default partitioner is another hash, and the worker relies on a
+    wallet's commands being where any client puts them. `send` hands a record to librdkafka, which
+    batches what arrives within `linger.ms`; `flush`, called once a tick, serves its delivery
+    reports and raises the first the broker refused. The offer never waits for the broker.
     """
 
     def __init__(self, settings: config.Settings, run: Run, key: tuple[str, str] | None = None) -> None:
         self.settings, self.run = settings, run
         self.key = key
-        # linger_ms=0: a batch handed over has gathered its records already (see flush).
-        self.producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0,
-                                         max_batch_size=262_144, enable_idempotence=True)  # fmt: skip
-        self.consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False,
-                                         fetch_max_wait_ms=500)  # fmt: skip
+        self.topic = settings.topics.commands
+        self.producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "acks": "all",
+                                  "enable.idempotence": True, "linger.ms": LINGER_MS,
+                                  "queue.buffering.max.messages": QUEUED_MAX,
+                                  "delivery.report.only.error": True, "on_delivery": self._delivered})  # fmt: skip
+        self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.topics.prefix}-load",
+                                  "enable.auto.commit": False, "fetch.wait.max.ms": 100})  # fmt: skip
         self.on_reserved = lambda wallet, reserve_id, reply, now: None
         self.reply_to = ("reply_to", settings.topics.replies.encode())
         self.placed: dict[str, Placed] = {}
-        # partition -> its batches not handed over yet, oldest first (more than one when one filled up)
-        self.batches: dict[int, list[BatchBuilder]] = {}
-        self.flying = 0  # batches handed over and not acknowledged yet
-        self.failed: BaseException | None = None  # the first batch the broker did not take
+        self.failed: KafkaException | None = None  # the first record the broker did not take
 
     async def start(self) -> None:
-        await self.producer.start()
-        await self.consumer.start()
-        self.partitions = sorted(await self.producer.partitions_for(self.settings.topics.commands))
-        parts = [TopicPartition(self.settings.topics.replies, p) for p in range(self.settings.partitions)]
-        self.consumer.assign(parts)
-        await self.consumer.seek_to_end(*parts)
-        for tp in parts:
-            await self.consumer.position(tp)
+        self.consumer.assign(await asyncio.to_thread(ends, self.consumer, self.settings.topics.replies,
+                                                     self.settings.partitions))  # fmt: skip
         self.reader = asyncio.create_task(self._read())
 
     async def stop(self) -> None:
         self.reader.cancel()
         await asyncio.gather(self.reader, return_exceptions=True)
-        await self.producer.stop()
-        await self.consumer.stop()
+        await asyncio.to_thread(self.producer.flush, 10)
+        await asyncio.to_thread(self.consumer.close)
+
+    @property
+    def queued(self) -> int:
+        """Records handed to librdkafka and not acknowledged yet."""
+        return len(self.producer)
 
     def place(self, wallet: str) -> Placed:
         """Murmur2 in pure Python costs microseconds: each wallet is placed once."""
         placed = self.placed.get(wallet)
         if placed is None:
             key = wallet.encode()
-            placed = self.placed[wallet] = key, DefaultPartitioner()(key, self.partitions, self.partitions)
+            placed = self.placed[wallet] = key, partition_of(key, self.settings.partitions)
         return placed
 
     def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float,
              reserve_id: bytes | None = None) -> None:  # fmt: skip
-        """Adds a command to its partition's batch; `reserve_id`, on a reserve or its retry, asks for
+        """Hands a command to the producer; `reserve_id`, on a reserve or its retry, asks for
         `on_reserved` once it is answered."""
         self.run.sent_at[correlation_id] = now
         if reserve_id is not None:
@@ -249,57 +251,71 @@ class Client:
         headers = [self.reply_to, ("correlation_id", correlation_id)]
         if self.key is not None:
             headers.append(auth_header(self.key[0], self.key[1], value))
-        queue = self.batches.setdefault(partition, [])
-        if not queue or queue[-1].append(timestamp=None, key=key, value=value, headers=headers) is None:
-            queue.append(self.producer.create_batch())  # the first since the last flush, or the last is full
-            queue[-1].append(timestamp=None, key=key, value=value, headers=headers)
+        produce(self.producer, self.topic, value, key, partition, headers)
 
-    async def flush(self) -> None:
-        """Hands over the oldest batch of each partition, unless some are still in flight; raises what
-        the broker refused."""
+    def flush(self) -> None:
+        """Serves the delivery reports; raises the first record the broker refused."""
+        self.producer.poll(0)
         if self.failed is not None:
             raise self.failed
-        if self.flying:
-            return
-        topic = self.settings.topics.commands
-        for partition, queue in list(self.batches.items()):
-            batch = queue.pop(0)
-            if not queue:
-                del self.batches[partition]
-            self.flying += 1
-            # Does not wait: with every batch before acknowledged, none is queued in the producer.
-            delivery = await self.producer.send_batch(batch, topic, partition=partition)
-            delivery.add_done_callback(self._delivered)
 
-    def _delivered(self, delivery: asyncio.Future) -> None:
-        self.flying -= 1
-        if not delivery.cancelled() and delivery.exception() is not None and self.failed is None:
-            self.failed = delivery.exception()
+    def _delivered(self, error, record) -> None:
+        if error is not None and self.failed is None:
+            self.failed = KafkaException(error)
 
     async def _read(self) -> None:
         """Per reply: its correlation id, found among the headers without a dict, and its send time.
         Only a reserve's reply is decoded: the hold it opened is what comes next."""
         run = self.run
         while True:
-            fetched = await self.consumer.getmany(timeout_ms=50, max_records=10_000)
+            records = self.consumer.consume(READ_MAX, 0)
+            if not records:
+                await asyncio.sleep(TICK_S)
+                continue
             now = time.monotonic()
             latencies_us = []
-            for records in fetched.values():
-                for record in records:
-                    for name, correlation_id in record.headers:
-                        if name == "correlation_id":
-                            break
-                    else:
-                        continue
-                    sent = run.sent_at.pop(correlation_id, None)
-                    if sent is None:
-                        continue  # answered already (a reply published again), or not this run's
-                    latencies_us.append(max(int((now - sent) * 1_000_000), 1))
-                    reserve = run.holds.pop(correlation_id, None)
-                    if reserve is not None:
-                        self.on_reserved(*reserve, json.loads(record.value), now)
+            for record in records:
+                if record.error() is not None:
+                    raise KafkaException(record.error())
+                for name, correlation_id in record.headers() or ():
+                    if name == "correlation_id":
+                        break
+                else:
+                    continue
+                sent = run.sent_at.pop(correlation_id, None)
+                if sent is None:
+                    continue  # answered already (a reply published again), or not this run's
+                latencies_us.append(max(int((now - sent) * 1_000_000), 1))
+                reserve = run.holds.pop(correlation_id, None)
+                if reserve is not None:
+                    self.on_reserved(*reserve, json.loads(record.value()), now)
             if latencies_us:
                 run.record(latencies_us, now)
+            await asyncio.sleep(0)
+
+
+def produce(producer: Producer, topic: str, value: bytes, key: bytes, partition: int, headers: list) -> None:
+    """One record to librdkafka; while its queue is full, waits for deliveries to make room."""
+    while True:
+        try:
+            producer.produce(topic, value, key, partition=partition, headers=headers)
+            return
+        except BufferError:
+            producer.poll(0.01)
+
+
+def ends(consumer: Consumer, topic: str, partitions: int) -> list[TopicPartition]:
+    """Each partition of `topic` at its current end. Retried: right after a topic is created its
+    leaders may not be known yet."""
+    deadline = time.monotonic() + ENDS_TIMEOUT_S
+    while True:
+        try:
+            return [TopicPartition(topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1])
+                    for p in range(partitions)]  # fmt: skip
+        except KafkaException:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 async def fund(client: Client, wallets: list[str], hot_funds: int) -> None:
@@ -317,8 +333,8 @@ async def drain(client: Client, timeout_s: float) -> None:
     handed over yet, or a reserve whose reply will send its capture or release."""
     deadline = time.monotonic() + timeout_s
     while client.run.sent_at and time.monotonic() < deadline:
-        await client.flush()
-        await asyncio.sleep(TICK_S if client.batches or client.run.holds else 0.05)
+        client.flush()
+        await asyncio.sleep(TICK_S if client.queued or client.run.holds else 0.05)
 
 
 async def offer(client: Client, args, wallets: list[str], rng: random.Random) -> int:
@@ -348,7 +364,7 @@ async def offer(client: Client, args, wallets: list[str], rng: random.Random) ->
             client.send(wallet, value, command_id, now, reserve_id)
             if len(history) < 10_000:
                 history.append((wallet, value, command_id, reserve_id))
-        await client.flush()  # with the captures and releases the replies read since the last tick
+        client.flush()  # with the captures and releases the replies read since the last tick
         await asyncio.sleep(TICK_S)
     return sent
 
