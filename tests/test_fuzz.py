@@ -499,3 +499,32 @@ async def test_a_header_name_that_is_not_utf8_stops_nothing(workers, ledger, set
     assert answers["after"]["balance"] == 97
     assert (await ledger.charge("w", 1)).balance == 96  # the partition goes on
     assert worker.poll() is None
+
+
+async def test_a_compressed_batch_is_decided_whatever_its_codec(workers, ledger, settings):
+    """Regression: a producer may compress its batches (gzip, snappy, lz4 or zstd: the broker keeps
+    them as sent), and aiokafka decompresses all but gzip only with `cramjam` installed. Without it,
+    one snappy batch (franz-go's default) made every fetch of its partition fail, for ever. The
+    worker depends on cramjam; here librdkafka, which has every codec, sends a batch of each."""
+    from confluent_kafka import Producer
+
+    worker = workers.start()
+    await wait_until_serving(ledger)
+    await ledger.open("w")
+    await ledger.credit("w", 100)
+    codecs = ("gzip", "snappy", "lz4", "zstd")
+    async with Topic(settings.kafka_bootstrap, [settings.topics.replies], settings.partitions) as replies:
+        for codec in codecs:
+            producer = Producer({"bootstrap.servers": settings.kafka_bootstrap, "compression.type": codec})
+            command = {"v": 1, "op": "charge", "id": codec, "wallet": "w", "amount": 1}
+            producer.produce(settings.topics.commands, json.dumps(command).encode(), b"w",
+                             headers=[("reply_to", settings.topics.replies.encode()), ("correlation_id", codec.encode())])  # fmt: skip
+            assert await asyncio.to_thread(producer.flush, 30) == 0, f"the {codec} batch was not acknowledged"
+        deadline = asyncio.get_running_loop().time() + 60
+        while not set(codecs) <= {dict(r.headers).get("correlation_id", b"").decode() for r in replies.records}:
+            assert asyncio.get_running_loop().time() < deadline, "a compressed batch was never answered: its partition is stuck"
+            await asyncio.sleep(0.2)
+    answers = {dict(r.headers)["correlation_id"].decode(): json.loads(r.value) for r in replies.records}
+    assert {codec: answers[codec]["status"] for codec in codecs} == dict.fromkeys(codecs, 200), answers
+    assert (await ledger.charge("w", 1)).balance == 100 - len(codecs) - 1
+    assert worker.poll() is None
