@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "loadtest"))
 import baselines  # noqa: E402
 import cpu_profile as worker_profile  # noqa: E402
 import drain  # noqa: E402
+import hotpath  # noqa: E402
 import latency as lone  # noqa: E402
 import load  # noqa: E402
 import slowpg  # noqa: E402
@@ -50,6 +51,7 @@ LATENCY_RATES_BELOW_PER_S = (1_000, 2_500)  # where the latency stands below it
 
 # Issue 10's targets.
 DRAIN_TARGET_PER_S = {"many": 30_000, "hot": 20_000}  # also the far goal end to end
+HOTPATH_COMMANDS = 20_000
 WORKER_CPU_TARGET_US = 15  # per command, draining
 GENERATOR_CPU_TARGET_US = 5  # per command, end to end
 SEED_RATIO_TARGETS = {("this disk", "hot"): 2, ("this disk", "many"): 1.5, ("0.5 ms emulated", "hot"): 10}
@@ -135,6 +137,7 @@ async def end_to_end(current, sizes: Sizes, rates: dict[str, int]) -> dict:
 
 async def suite(sizes: Sizes) -> dict:
     current = resolve_settings()
+    say("this machine's Python speed today (loadtest/hotpath.py)")
     results: dict = {"machine": machine(), "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                      "quick": sizes == QUICK, "sizes": asdict(sizes)}  # fmt: skip
     results["drain"], results["profile"] = await drains(sizes)
@@ -162,7 +165,10 @@ def machine() -> dict:
                 if line.startswith("model name")), "unknown")  # fmt: skip
     postgres = subprocess.run([str(slowpg.bin_dir() / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "postgres": postgres,
-            "kafka": "Apache Kafka 4.1.1 (KRaft, one node)"}  # fmt: skip
+            "kafka": "Apache Kafka 4.1.1 (KRaft, one node)",
+            # The worker's pure Python per command (no I/O): the same code ran 1.7-2x slower on some
+            # days than on others on this kind of machine, so figures of different days scale by it.
+            "hotpath_us": hotpath.main(["--commands", str(HOTPATH_COMMANDS)])["us_per_command"]["total"]}  # fmt: skip
 
 
 def plot(latency_run: dict, path: Path) -> None:
@@ -249,7 +255,9 @@ def header(results: dict) -> list[str]:
     lines += [
         f"**Machine:** {machine_['cores']} cores ({machine_['cpu']}), {machine_['postgres']}, {machine_['kafka']}, "
         f"Python {machine_['python']}. `pg_test_fsync` fdatasync: this disk {results['fsync']['this disk']}; "
-        f"with the emulation library {results['fsync']['0.5 ms emulated']}.", "",
+        f"with the emulation library {results['fsync']['0.5 ms emulated']}. This machine's Python speed on the day: "
+        f"{machine_.get('hotpath_us', 'n/a')} µs a command through the worker's pure Python (`loadtest/hotpath.py`, no "
+        "I/O; the same code has read 1.7–2× apart on different days here): compare runs of different days by it.", "",
     ]  # fmt: skip
     return lines
 
@@ -355,7 +363,7 @@ def cpu_table(results: dict, targets: Targets) -> list[str]:
         "### CPU per command, by part", "",
         "CPU time read from `/proc` ÷ commands answered. A drain: between its first event and its last (the load "
         "generator's column is then the process that reads the replies and events). End to end: from the first command "
-        "offered to the last reply, the load generator's from its own process time. Worker, broker, database and "
+        "offered to the last reply, the load generator's from its own CPU time (the Go program's `getrusage`). Worker, broker, database and "
         f"generator share the machine's {cores} cores, so the total bounds what the whole can answer: the cores' bound "
         f"is {cores} cores ÷ the total (for the saturated runs; below saturation the total includes idle polling).", "",
         "| run | commands/s | worker | load generator | kafka | postgresql | total | cores busy | the cores' bound | target |",

@@ -137,7 +137,7 @@ async def main(args) -> dict:
         spy = asyncio.create_task(profile(worker.pid, args.profile)) if args.profile else None
         try:
             seen = await watch(settings, len(batch), worker.pid)
-            checks = await load.check(settings, load.Run())
+            checks = await load.check(settings)
             resident_mib = load.resident_size_mib(worker.pid)
         finally:
             if spy is not None:

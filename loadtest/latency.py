@@ -63,7 +63,7 @@ async def main(args, current=None) -> dict:
                 await ledger.open(wallet)
                 await ledger.credit(wallet, FUNDS)
             latencies_ms, timed_out = await charges(ledger, wallets, args.commands)
-        checks = await load.check(settings, load.Run())
+        checks = await load.check(settings)
         resident_mib = [load.resident_size_mib(worker.pid)]
     finally:
         worker.send_signal(signal.SIGTERM)

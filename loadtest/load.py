@@ -4,10 +4,12 @@
 
 Sets up its own ledger (a fresh database and topic prefix on the services named by
 FLOORGUARD_KAFKA_BOOTSTRAP / FLOORGUARD_DATABASE_URL, else the local stack), starts `--workers`
-worker processes, funds the wallets, then sends commands on a fixed schedule (open loop: a command
-is sent when its time comes, not when the previous one is answered). The mix: charges, holds
-(reserve, then capture or release once the reserve is answered) and retries (a command sent again
-under its id). Every reply's latency (sent → reply received) goes into an HDR histogram. At the end
+worker processes, opens and funds the wallets, then runs the offer: `loadtest/gen`, a Go program
+(franz-go), sends commands on a fixed schedule (open loop: a command is sent when its time comes,
+not when the previous one is answered) and times every reply (sent → reply received). The mix:
+charges, holds (reserve, then capture or release once the reserve is answered) and retries (a
+command sent again under its id). The offer is in Go because the generator must not be the limit
+of what it measures: in Python a command cost it 25–40 µs of CPU (docs/BENCHMARKS.md). At the end
 it checks that no wallet went below its floor, that every command got exactly one decision and
 every send its reply, and prints one JSON object (also written to `--out`).
 """
@@ -16,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,7 +31,6 @@ import urllib.error
 import urllib.request
 import uuid
 from bisect import bisect
-from collections import Counter
 from dataclasses import dataclass, field
 from itertools import accumulate
 from pathlib import Path
@@ -37,7 +38,6 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
-from hdrh.histogram import HdrHistogram
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -50,7 +50,10 @@ from worker.config import Topics  # noqa: E402
 from worker.core.placement import partition_of  # noqa: E402
 from worker.store.migrate import migrate  # noqa: E402
 
-LATENCY_MAX_US = 60_000_000
+GENERATOR_SOURCE = ROOT / "loadtest" / "gen"
+GENERATOR_BINARY = ROOT / ".floorguard" / "bin" / "floorguard-gen"
+GENERATOR_SECRET_ENV = "FLOORGUARD_GEN_SECRET"
+GO_ELSEWHERE = (Path("/usr/local/go/bin/go"),)  # where Go's own archive installs it, when not on PATH
 TICK_S = 0.001
 DRAIN_TIMEOUT_S = 120
 HEALTH_TIMEOUT_S = 5
@@ -76,24 +79,10 @@ Placed = tuple[bytes, int]  # a wallet's record key and the partition Kafka's de
 
 @dataclass
 class Run:
-    histogram: HdrHistogram = field(default_factory=lambda: HdrHistogram(1, LATENCY_MAX_US, 3))
-    # correlation id -> monotonic send time, until the send's first reply
-    sent_at: dict[bytes, float] = field(default_factory=dict)
-    # correlation id of a reserve (or of its retry) -> its wallet and id, until its reply
-    holds: dict[bytes, tuple[Placed, bytes]] = field(default_factory=dict)
-    answered: int = 0  # sends with a reply
-    timeline: dict[int, list[int]] = field(default_factory=dict)  # second -> [replies, sum latency us]
-    started: float = 0.0
+    """What the Python client (the funding before the offer) has sent and had answered."""
 
-    def record(self, latencies_us: list[int], now: float) -> None:
-        """Replies read together at `now`. Sends of one tick read in one fetch share a latency, so
-        the histogram takes each value once with its count."""
-        self.answered += len(latencies_us)
-        for latency_us, count in Counter(latencies_us).items():
-            self.histogram.record_value(min(latency_us, LATENCY_MAX_US), count)
-        second = self.timeline.setdefault(int(now - self.started), [0, 0])
-        second[0] += len(latencies_us)
-        second[1] += sum(latencies_us)
+    sent_at: dict[bytes, float] = field(default_factory=dict)  # correlation id -> send time, until its reply
+    answered: int = 0
 
 
 def pick(distribution: str, wallets: int, rng: random.Random):
@@ -211,7 +200,6 @@ class Client:
                                   "delivery.report.only.error": True, "on_delivery": self._delivered})  # fmt: skip
         self.consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"{settings.topics.prefix}-load",
                                   "enable.auto.commit": False, "fetch.wait.max.ms": 100})  # fmt: skip
-        self.on_reserved = lambda wallet, reserve_id, reply, now: None
         self.reply_to = ("reply_to", settings.topics.replies.encode())
         self.placed: dict[str, Placed] = {}
         self.failed: KafkaException | None = None  # the first record the broker did not take
@@ -240,13 +228,9 @@ class Client:
             placed = self.placed[wallet] = key, partition_of(key, self.settings.partitions)
         return placed
 
-    def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float,
-             reserve_id: bytes | None = None) -> None:  # fmt: skip
-        """Hands a command to the producer; `reserve_id`, on a reserve or its retry, asks for
-        `on_reserved` once it is answered."""
+    def send(self, wallet: Placed, value: bytes, correlation_id: bytes, now: float) -> None:
+        """Hands a command to the producer."""
         self.run.sent_at[correlation_id] = now
-        if reserve_id is not None:
-            self.run.holds[correlation_id] = wallet, reserve_id
         key, partition = wallet
         headers = [self.reply_to, ("correlation_id", correlation_id)]
         if self.key is not None:
@@ -264,16 +248,13 @@ class Client:
             self.failed = KafkaException(error)
 
     async def _read(self) -> None:
-        """Per reply: its correlation id, found among the headers without a dict, and its send time.
-        Only a reserve's reply is decoded: the hold it opened is what comes next."""
+        """Per reply: its correlation id, found among the headers without a dict."""
         run = self.run
         while True:
             records = self.consumer.consume(READ_MAX, 0)
             if not records:
                 await asyncio.sleep(TICK_S)
                 continue
-            now = time.monotonic()
-            latencies_us = []
             for record in records:
                 if record.error() is not None:
                     raise KafkaException(record.error())
@@ -282,15 +263,8 @@ class Client:
                         break
                 else:
                     continue
-                sent = run.sent_at.pop(correlation_id, None)
-                if sent is None:
-                    continue  # answered already (a reply published again), or not this run's
-                latencies_us.append(max(int((now - sent) * 1_000_000), 1))
-                reserve = run.holds.pop(correlation_id, None)
-                if reserve is not None:
-                    self.on_reserved(*reserve, json.loads(record.value()), now)
-            if latencies_us:
-                run.record(latencies_us, now)
+                if run.sent_at.pop(correlation_id, None) is not None:  # else answered already, or not this run's
+                    run.answered += 1
             await asyncio.sleep(0)
 
 
@@ -329,61 +303,15 @@ async def fund(client: Client, wallets: list[str], hot_funds: int) -> None:
 
 
 async def drain(client: Client, timeout_s: float) -> None:
-    """Until every send is answered. Keeps ticking while something may still go out: a batch not
-    handed over yet, or a reserve whose reply will send its capture or release."""
+    """Until every send is answered."""
     deadline = time.monotonic() + timeout_s
     while client.run.sent_at and time.monotonic() < deadline:
         client.flush()
-        await asyncio.sleep(TICK_S if client.queued or client.run.holds else 0.05)
+        await asyncio.sleep(TICK_S if client.queued else 0.05)
 
 
-async def offer(client: Client, args, wallets: list[str], rng: random.Random) -> int:
-    """Send at the offered rate for the run's length; return the number of commands sent. Each tick
-    sends the commands whose time has come, stamped with the tick's time."""
-    choose = pick(args.distribution, len(wallets), rng)
-    placed = [client.place(wallet) for wallet in wallets]
-    history: list[tuple[Placed, bytes, bytes, bytes | None]] = []  # wallet, value, id, the id again on a reserve
-    sent = 0
-    started = time.monotonic()
-    while (elapsed := (now := time.monotonic()) - started) < args.seconds:
-        due = int(elapsed * args.rate) - sent
-        for _ in range(due):
-            sent += 1
-            kind = rng.random()
-            if kind < args.retry_share and history:
-                wallet, value, command_id, reserve_id = rng.choice(history)  # the same command, again
-                client.send(wallet, value, b"%s-r%d" % (command_id, sent), now, reserve_id)
-                continue
-            wallet = placed[choose()]
-            if kind < args.retry_share + args.hold_share:
-                command_id = reserve_id = b"r%d" % sent
-                value = RESERVE % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
-            else:
-                command_id, reserve_id = b"c%d" % sent, None
-                value = CHARGE % (command_id, wallet[0], rng.randint(1, AMOUNT_MAX))
-            client.send(wallet, value, command_id, now, reserve_id)
-            if len(history) < 10_000:
-                history.append((wallet, value, command_id, reserve_id))
-        client.flush()  # with the captures and releases the replies read since the last tick
-        await asyncio.sleep(TICK_S)
-    return sent
-
-
-def close_holds(client: Client, rng: random.Random):
-    def on_reserved(wallet: Placed, reserve_id: bytes, reply: dict, now: float) -> None:
-        if reply["ok"] and not reply["duplicate"]:
-            hold = reply["hold"].encode()
-            if rng.random() < 0.8:
-                capture_id = b"c-" + reserve_id
-                amount = rng.randint(0, reply["amount"])
-                client.send(wallet, CAPTURE % (capture_id, wallet[0], hold, amount), capture_id, now)
-            else:
-                release_id = b"r-" + reserve_id
-                client.send(wallet, RELEASE % (release_id, wallet[0], hold), release_id, now)
-    return on_reserved
-
-
-async def check(settings: config.Settings, run: Run) -> dict:
+async def check(settings: config.Settings, unanswered: int = 0) -> dict:
+    """The ledger's guarantees after a run; `unanswered`: the sends the run got no reply to."""
     connection = await asyncpg.connect(settings.database_url)
     try:
         below = await connection.fetchval("SELECT count(*) FROM wallets WHERE balance - reserved < floor")
@@ -395,52 +323,73 @@ async def check(settings: config.Settings, run: Run) -> dict:
             "AND op IN ('credit', 'charge', 'capture'))")  # fmt: skip
     finally:
         await connection.close()
-    unanswered = len(run.sent_at)
     return {"wallets_below_floor": below, "ids_with_two_decisions": repeated, "wallets_off_their_books": books,
             "sends_without_reply": unanswered,
             "ok": below == 0 and repeated == 0 and books == 0 and unanswered == 0}  # fmt: skip
 
 
+def build_generator() -> Path:
+    """The offer's Go program, built (or found up to date: Go caches its builds) into .floorguard/bin."""
+    go = shutil.which("go") or next((str(path) for path in GO_ELSEWHERE if path.exists()), None)
+    if go is None:
+        raise RuntimeError(f"the load generator ({GENERATOR_SOURCE.relative_to(ROOT)}) is a Go program: "
+                           "install Go (1.26 or later) and run again")  # fmt: skip
+    GENERATOR_BINARY.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run([go, "build", "-o", str(GENERATOR_BINARY), "."], cwd=GENERATOR_SOURCE, check=True)
+    return GENERATOR_BINARY
+
+
+async def generate(binary: Path, args, settings: config.Settings, key: tuple[str, str] | None,
+                   log: Path) -> tuple[dict, int]:  # fmt: skip
+    """Runs the offer; its report, and its process id (its CPU is in its report)."""
+    command = [str(binary), "-brokers", settings.kafka_bootstrap, "-commands", settings.topics.commands,
+               "-replies", settings.topics.replies, "-rate", str(args.rate), "-seconds", str(args.seconds),
+               "-wallets", str(args.wallets), "-distribution", args.distribution, "-hold-share", str(args.hold_share),
+               "-retry-share", str(args.retry_share), "-seed", str(args.seed),
+               "-drain-timeout", f"{DRAIN_TIMEOUT_S}s"]  # fmt: skip
+    if args.generator_profile:
+        command += ["-cpuprofile", args.generator_profile]
+    env = dict(os.environ)
+    if key is not None:
+        command += ["-key-id", key[0]]
+        env[GENERATOR_SECRET_ENV] = key[1]  # not on the command line, where `ps` shows it
+    with log.open("wb") as errors:
+        process = await asyncio.create_subprocess_exec(*command, env=env, stdout=asyncio.subprocess.PIPE,
+                                                       stderr=errors)  # fmt: skip
+        out, _ = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"the load generator failed ({process.returncode}): {log.read_text()[-2000:]}")
+    return json.loads(out), process.pid
+
+
 async def main(args, current: config.Settings | None = None, on_offer=None) -> dict:
     """One run. `on_offer(worker_pids)`, when given, is started as a task once the offer begins."""
     current = current or resolve_settings()
+    binary = await asyncio.to_thread(build_generator)
     settings, database = await setup(args, current)
-    started = start_workers(settings, args.workers, Path(args.logs), auth=args.auth)
+    log_dir = Path(args.logs)
+    started = start_workers(settings, args.workers, log_dir, auth=args.auth)
     workers = [process for process, _ in started]
-    run, rng = Run(), random.Random(args.seed)
-    client = Client(settings, run, await admin_key(settings) if args.auth else None)
+    key = await admin_key(settings) if args.auth else None
+    client = Client(settings, Run(), key)
     try:
         await client.start()
-        await shared_out([port for _, port in started], settings.partitions)
-        wallets = [f"w{i}" for i in range(args.wallets)]
-        await fund(client, wallets, hot_funds=args.rate * args.seconds * AMOUNT_MAX // 4)
-        run.histogram.reset()
-        run.timeline.clear()
-        funded = run.answered
-        client.on_reserved = close_holds(client, rng)
-        # The offer keeps thousands of commands (its history for retries, the sends awaiting their
-        # reply): the collector would walk them again and again, stalling the generator. Nothing here
-        # is cyclic garbage worth collecting mid-run.
-        gc.collect()
-        gc.freeze()
-        gc.disable()
-        run.started = time.monotonic()
+        try:
+            await shared_out([port for _, port in started], settings.partitions)
+            await fund(client, [f"w{i}" for i in range(args.wallets)], hot_funds=args.rate * args.seconds * AMOUNT_MAX // 4)
+        finally:
+            await client.stop()
+        began = time.monotonic()
         cpu_before = cpu_seconds([worker.pid for worker in workers])
-        generator_before = time.process_time()
         watcher = asyncio.create_task(on_offer([worker.pid for worker in workers])) if on_offer else None
-        sent = await offer(client, args, wallets, rng)
-        offered_s = time.monotonic() - run.started
-        await drain(client, DRAIN_TIMEOUT_S)
-        answered_s = time.monotonic() - run.started
-        generator_s = time.process_time() - generator_before
+        offered, _ = await generate(binary, args, settings, key, log_dir / "generator.log")
+        elapsed_s = time.monotonic() - began
         cpu_after = cpu_seconds([worker.pid for worker in workers])
         if watcher is not None:
             await watcher
-        checks = await check(settings, run)
+        checks = await check(settings, offered["sends_without_reply"])
         resident_mib = [resident_size_mib(worker.pid) for worker in workers]
     finally:
-        gc.enable()
-        await client.stop()
         for worker in workers:
             worker.send_signal(signal.SIGTERM)
         for worker in workers:
@@ -449,20 +398,20 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
         await admin.close()
         await delete_topics(current.kafka_bootstrap, settings.topics)
-    answered = run.answered - funded
-    h = run.histogram
+    sent, answered = offered["sent"], offered["answered"]
+    cores = {part: (cpu_after[part] - cpu_before[part]) / elapsed_s for part in cpu_after}
+    cores["load generator"] += offered["cpu_s"] / elapsed_s  # this process's share, and the Go program's
     return {
         "distribution": args.distribution, "wallets": args.wallets, "workers": args.workers,
         "offered_per_s": args.rate, "seconds": args.seconds, "sent": sent, "answered": answered,
-        "sent_per_s": round(sent / offered_s), "answered_per_s": round(answered / answered_s),
-        "latency_ms": {q: round(h.get_value_at_percentile(p) / 1000, 2)
-                       for q, p in (("p50", 50), ("p99", 99), ("p999", 99.9), ("max", 100))},
-        "timeline": [[s, n, round(total / n / 1000, 2)] for s, (n, total) in sorted(run.timeline.items())],
-        "checks": checks, "worker_resident_mib": resident_mib,
+        "sent_per_s": round(sent / offered["offered_s"]), "answered_per_s": round(answered / offered["answered_s"]),
+        "latency_ms": {q: round(ms, 2) for q, ms in offered["latency_ms"].items()},
+        "timeline": [[int(s), int(n), round(ms, 2)] for s, n, ms in offered["timeline"]],
+        "statuses": offered["statuses"], "checks": checks, "worker_resident_mib": resident_mib,
         # Cores each part kept busy on average while commands were offered and answered.
-        "cores_busy": {part: round((cpu_after[part] - cpu_before[part]) / answered_s, 2) for part in cpu_after},
-        # This process's CPU over the same window, per command answered (process_time: finer than /proc's ticks).
-        "generator_cpu_us_per_command": round(generator_s * 1_000_000 / answered, 1) if answered else None,
+        "cores_busy": {part: round(busy, 2) for part, busy in cores.items()},
+        # The Go program's own CPU (getrusage) from its first command offered to its last reply, per command answered.
+        "generator_cpu_us_per_command": round(offered["cpu_s"] * 1_000_000 / answered, 1) if answered else None,
     }  # fmt: skip
 
 
@@ -532,6 +481,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--auth", action="store_true", help="workers require signed commands; every command is signed")
     parser.add_argument("--logs", default=str(ROOT / ".floorguard" / "load-logs"))
+    parser.add_argument("--generator-profile", help="write the Go generator's CPU profile (pprof) here")
     parser.add_argument("--out", help="write the JSON result here too")
     return parser.parse_args(argv)
 
