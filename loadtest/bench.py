@@ -287,7 +287,7 @@ def end_to_end_section(results: dict, targets: Targets) -> list[str]:
     sizes = results["sizes"]
     lines = [
         "", "### End to end: the load generator running, beside the seed design", "",
-        "floorguard: `loadtest/load.py`, one worker process, 8 partitions, open loop for "
+        "floorguard: `loadtest/load.py` (its offer by the Go program `loadtest/gen`), one worker process, 8 partitions, open loop for "
         f"{sizes['saturation_seconds']} s at {SATURATION_FACTOR}× what one worker drained alone (at least "
         f"{SATURATION_RATE_MIN_PER_S:,}/s): past what it sustains with the generator beside it. Charges, 5% holds "
         "(reserve, then capture or release), 5% retries; answered/s = replies received ÷ time until the last reply. "
