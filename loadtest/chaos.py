@@ -66,6 +66,7 @@ FAILPOINT_WAIT_S = 40
 STOP_WAIT_S = 60
 SETTLE_S = 10  # load after the last fault, before the offer stops
 DRAIN_TIMEOUT_S = 300
+OUTBOX_GRACE_S = 10  # a row the check sees must be gone this long after (see `outbox_left`)
 SAMPLE_EVERY_S = 1.0
 AUDIT_TIMEOUT_S = 600
 HTTP_TIMEOUT_S = 3
@@ -411,6 +412,18 @@ async def settled(database_url: str, timeout_s: float) -> None:
         await connection.close()
 
 
+async def outbox_left(connection: asyncpg.Connection) -> int:
+    """Outbox rows still there OUTBOX_GRACE_S after the check first saw them. A row seen once may be
+    one a worker has just written and is publishing: a hold that expired after `settled` returned
+    is decided (the sweeper's expire) while the check runs, and its row is deleted within a tend."""
+    seen = {row["position"] for row in await connection.fetch("SELECT position FROM outbox")}
+    deadline = time.monotonic() + OUTBOX_GRACE_S
+    while seen and time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+        seen &= {row["position"] for row in await connection.fetch("SELECT position FROM outbox")}
+    return len(seen)
+
+
 async def check(settings: config.Settings, ledger: Ledger) -> tuple[dict, list[str]]:
     violations: list[str] = []
     connection = await asyncpg.connect(settings.database_url)
@@ -425,7 +438,7 @@ async def check(settings: config.Settings, ledger: Ledger) -> tuple[dict, list[s
             "AND op IN ('credit', 'charge', 'capture'))")  # fmt: skip
         open_late = await connection.fetchval(
             "SELECT count(*) FROM holds WHERE open AND expires_at_ms < (extract(epoch FROM now()) * 1000)::bigint - 5000")
-        outbox = await connection.fetchval("SELECT count(*) FROM outbox")
+        outbox = await outbox_left(connection)
         expires = await connection.fetchval("SELECT count(*) FROM decisions WHERE op = 'expire' AND status = 200")
         decisions = await connection.fetchval("SELECT count(*) FROM decisions")
     finally:
