@@ -50,3 +50,37 @@ async def test_metrics_and_health(workers, ledger):
         await asyncio.sleep(0.05)
     else:
         raise AssertionError("the outbox backlog never came back to 0")
+
+
+async def test_a_fetch_that_fails_makes_health_degraded_until_fetches_succeed_again(monkeypatch):
+    """Regression: FastStream logs a failed fetch and fetches again, for ever, while the other
+    partitions' batches succeed; /health said ok the whole time one partition was stuck (seen with
+    a snappy batch before the worker depended on cramjam, D34). The worker's fetch step (the
+    real one, with a stand-in consumer) now marks the health degraded, for a while after."""
+    from aiokafka.errors import UnsupportedCodecError
+
+    from worker.adapter import app, metrics
+
+    health = metrics.Health()
+    monkeypatch.setattr(metrics, "HEALTH", health)
+
+    class Consumer:
+        fail = True
+
+        async def getmany(self, timeout_ms: int, max_records: int) -> dict:
+            if self.fail:
+                raise UnsupportedCodecError("Libraries for snappy compression codec not found")
+            return {}
+
+    fetch = app._fetching(10, 5)
+    consumer = Consumer()
+    assert health.report()[0] == 200
+    with pytest.raises(UnsupportedCodecError):
+        await fetch(consumer)
+    status, body = health.report()
+    assert status == 503 and body["status"] == "degraded" and "snappy" in body["fetch_error"], body
+    consumer.fail = False
+    assert await fetch(consumer) == ()
+    assert health.report()[0] == 503  # still within the window: the next fetch may fail again
+    monkeypatch.setattr(metrics, "FETCH_FAILED_WINDOW_S", 0.0)
+    assert health.report() == (200, {**body, "status": "ok", "fetch_error": None})

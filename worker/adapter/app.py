@@ -15,7 +15,7 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from itertools import chain
 from typing import Any
@@ -214,12 +214,21 @@ def _fetch_without_idle_sleep(subscriber: Any, max_records: int, wait_ms: int) -
     command was 4 to 8 ms old when the worker got it). The subscriber's fetch step is replaced by
     one that waits in aiokafka's `getmany` alone, which returns as soon as a record is there."""
     assert isinstance(subscriber, BatchSubscriber) and hasattr(subscriber, "get_msg"), type(subscriber)
+    subscriber.get_msg = _fetching(max_records, wait_ms)
+
+
+def _fetching(max_records: int, wait_ms: int) -> Callable[[AIOKafkaConsumer], Awaitable[tuple]]:
+    """One fetch: the records of every partition that has some, in one tuple."""
 
     async def get_msg(consumer: AIOKafkaConsumer) -> tuple:
-        fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+        try:
+            fetched = await consumer.getmany(timeout_ms=wait_ms, max_records=max_records)
+        except Exception as error:  # FastStream logs it and fetches again; /health says so meanwhile
+            metrics.HEALTH.fetch_failed(error)
+            raise
         return tuple(chain.from_iterable(fetched.values()))  # FastStream's loop skips an empty one
 
-    subscriber.get_msg = get_msg
+    return get_msg
 
 
 def _collect_garbage_rarely() -> None:

@@ -3,7 +3,8 @@
     GET /metrics  Prometheus text format
     GET /health   200 {"status": "ok", ...} while the worker owns partitions and its last batch
                   succeeded; 503 with the reason otherwise (`database_unreachable_s`: how long the
-                  database has been away, its partitions paused; null when it answers)
+                  database has been away, its partitions paused; null when it answers;
+                  `fetch_error`: the consumer's last failed fetch, for FETCH_FAILED_WINDOW_S after it)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 
 REQUEST_SIZE_MAX_BYTES = 8_192
 REQUEST_TIMEOUT_S = 5
+FETCH_FAILED_WINDOW_S = 60.0  # a failed fetch keeps /health degraded this long (FastStream retries within it)
 
 DECISIONS = Counter("floorguard_decisions_total", "Records decided, by op and status", ["op", "status"])
 BATCH_SIZE = Histogram("floorguard_batch_records", "Records in one partition's batch",
@@ -43,6 +45,14 @@ class Health:
         self.last_error: str | None = None
         self.database_away_since_s: float | None = None
         self.partitions: Callable[[], list[int]] = list
+        # A fetch that fails (a batch the consumer cannot read) is retried by FastStream's loop
+        # for ever while the other partitions' batches still succeed: without its own field the
+        # endpoint said ok the whole time a partition was stuck.
+        self.fetch_error: str | None = None
+        self.fetch_failed_s: float | None = None
+
+    def fetch_failed(self, error: BaseException) -> None:
+        self.fetch_error, self.fetch_failed_s = repr(error), time.monotonic()
 
     def report(self) -> tuple[int, dict]:
         owned = self.partitions()
@@ -51,7 +61,9 @@ class Health:
                 else round(time.monotonic() - self.last_batch_ok_s, 3),
                 "database_unreachable_s": None if self.database_away_since_s is None
                 else round(time.monotonic() - self.database_away_since_s, 3)}  # fmt: skip
-        healthy = self.last_error is None
+        fetch_failing = self.fetch_failed_s is not None and time.monotonic() - self.fetch_failed_s < FETCH_FAILED_WINDOW_S
+        body["fetch_error"] = self.fetch_error if fetch_failing else None
+        healthy = self.last_error is None and not fetch_failing
         body["status"] = "ok" if healthy else "degraded"
         return (200 if healthy else 503), body
 
