@@ -35,6 +35,7 @@ ENV_TEST_SASL_BOOTSTRAP = "FLOORGUARD_TEST_KAFKA_SASL_BOOTSTRAP"  # when the ser
 TOPIC_AUTHORIZATION_FAILED = 29
 REFUSAL_TIMEOUT_S = 10
 EXPIRY_TIMEOUT_S = 20
+USERS_GONE_TIMEOUT_S = 10
 HOLD_TTL_MS = 1_000
 
 
@@ -79,7 +80,12 @@ async def users(services: Services, settings: Settings) -> AsyncIterator[tuple[U
     yield agent, worker, reply_topic
     async with KafkaUsers(services.kafka_bootstrap) as kafka_users:
         assert await kafka_users.remove(agent.name) and await kafka_users.remove(worker.name)
-        assert {agent.name, worker.name}.isdisjoint(user.name for user in await kafka_users.list())
+        # The broker answers the listing from its metadata, which the controller's change reaches
+        # a moment later (a fresh-clone CI run once listed a user just removed): wait for it.
+        deadline = asyncio.get_running_loop().time() + USERS_GONE_TIMEOUT_S
+        while not {agent.name, worker.name}.isdisjoint(user.name for user in await kafka_users.list()):
+            assert asyncio.get_running_loop().time() < deadline, "a removed user is still listed"
+            await asyncio.sleep(0.1)
     admin = AIOKafkaAdminClient(bootstrap_servers=services.kafka_bootstrap)
     await admin.start()
     try:
