@@ -340,8 +340,8 @@ def build_generator() -> Path:
 
 
 async def generate(binary: Path, args, settings: config.Settings, key: tuple[str, str] | None,
-                   log: Path) -> tuple[dict, int]:  # fmt: skip
-    """Runs the offer; its report, and its process id (its CPU is in its report)."""
+                   log: Path) -> dict:  # fmt: skip
+    """Runs the offer; its report (its own CPU included)."""
     command = [str(binary), "-brokers", settings.kafka_bootstrap, "-commands", settings.topics.commands,
                "-replies", settings.topics.replies, "-rate", str(args.rate), "-seconds", str(args.seconds),
                "-wallets", str(args.wallets), "-distribution", args.distribution, "-hold-share", str(args.hold_share),
@@ -359,7 +359,7 @@ async def generate(binary: Path, args, settings: config.Settings, key: tuple[str
         out, _ = await process.communicate()
     if process.returncode != 0:
         raise RuntimeError(f"the load generator failed ({process.returncode}): {log.read_text()[-2000:]}")
-    return json.loads(out), process.pid
+    return json.loads(out)
 
 
 async def main(args, current: config.Settings | None = None, on_offer=None) -> dict:
@@ -382,7 +382,7 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
         began = time.monotonic()
         cpu_before = cpu_seconds([worker.pid for worker in workers])
         watcher = asyncio.create_task(on_offer([worker.pid for worker in workers])) if on_offer else None
-        offered, _ = await generate(binary, args, settings, key, log_dir / "generator.log")
+        offered = await generate(binary, args, settings, key, log_dir / "generator.log")
         elapsed_s = time.monotonic() - began
         cpu_after = cpu_seconds([worker.pid for worker in workers])
         if watcher is not None:

@@ -252,12 +252,23 @@ func (g *generator) send(commands []command, now int64) {
 		return
 	}
 	g.mu.Lock()
+	first := g.register(commands, now)
+	g.mu.Unlock()
+	g.produce(commands, first)
+}
+
+// register counts commands as sent and awaiting their reply (g.mu held); the index of the first.
+func (g *generator) register(commands []command, now int64) int {
 	first := len(g.sends)
 	for _, c := range commands {
 		g.sends = append(g.sends, send{at: now, wallet: int32(c.wallet), reserve: c.reserve})
 	}
 	g.unanswered += len(commands)
-	g.mu.Unlock()
+	return first
+}
+
+// produce hands registered commands to the producer, the first one's index being `first`.
+func (g *generator) produce(commands []command, first int) {
 	for i, c := range commands {
 		headers := []kgo.RecordHeader{{Key: "reply_to", Value: g.replyTo},
 			{Key: "correlation_id", Value: strconv.AppendInt(nil, int64(first+i), 10)}}
@@ -334,8 +345,11 @@ func (g *generator) read(ctx context.Context, consumer *kgo.Client) error {
 				closing = append(closing, g.closing(int(sent.wallet), sent.reserve, answer))
 			}
 		})
+		// Registered before the lock is let go: the reserve just answered must not leave the
+		// count of unanswered sends at zero while its capture or release is not counted yet.
+		first := g.register(closing, now)
 		g.mu.Unlock()
-		g.send(closing, now)
+		g.produce(closing, first)
 	}
 }
 
