@@ -71,6 +71,9 @@ class Partition:
     state: PartitionState | None = None
     decided_offset: int = -1  # where its decided batches end (`next_offset` once they are committed)
     generation: int = 0  # moves each time the state is dropped: what was decided on the old one is let go
+    # One publish of what was left in its outbox at a time: the assignment, its first batch and
+    # `tend` may each find it CLAIMED, and without it all of them published the same rows.
+    healing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.decided_offset = self.next_offset
@@ -146,7 +149,12 @@ class Processor:
                 self._partitions.pop(number, None)
 
     async def _heal(self, partition: Partition) -> None:
-        """Publish what a crash or an earlier owner left in the partition's outbox."""
+        """Publish what a crash or an earlier owner left in the partition's outbox, once."""
+        async with partition.healing:
+            if partition.phase is Phase.CLAIMED:
+                await self._publish_left(partition)
+
+    async def _publish_left(self, partition: Partition) -> None:
         try:
             pending = await self._store.pending_outbox(self._topics.commands, partition.number)
             if pending:
