@@ -16,7 +16,8 @@ from worker.core.model import Parsed, Record, Wallet
 from worker.core.outgoing import rendered
 from worker.core.parse import parse
 from worker.decider import Decider
-from worker.store.store import Committed, Fenced, GuardRefused, PartitionBatch, Store, Write
+from worker.core.recent import Recent
+from worker.store.store import Committed, Fenced, GuardRefused, PartitionBatch, Store, StoredAlready, Write
 
 
 async def test_a_worker_killed_between_commit_and_publish_loses_and_repeats_nothing(workers, ledger, settings):
@@ -141,6 +142,43 @@ async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_
         await store.close()
     wallets, decided = await books_after_outbox_cleared(settings.database_url)
     assert wallets["w"]["balance"] == 3 and wallets["w"]["seq"] == 4 and all(n == 1 for n in decided.values())
+
+
+async def test_an_id_presumed_new_that_was_decided_before_refuses_the_whole_commit(settings):
+    """A worker looks up only the ids it decided lately; the others it presumes new, and the
+    decisions' unique key checks that in the commit: a wrong presumption writes nothing at all,
+    and the batch decided again with every id looked up answers the earlier decision."""
+    store = await Store.connect(settings.database_url)
+    topic = settings.topics.commands
+    try:
+        assert await store.claim(topic, 0) == 0
+
+        def record(offset: int, value: bytes) -> Parsed:
+            return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
+
+        def render(decision):
+            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+
+        charge = b'{"v":1,"op":"charge","id":"c1","wallet":"w","amount":7}'
+        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
+                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}'), record(2, charge)]  # fmt: skip
+        await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)  # by an earlier owner
+        batch = [record(3, charge.replace(b'"c1"', b'"c2"').replace(b"7", b"1")), record(4, charge)]
+        fresh = Recent()  # a new owner's: it decided nothing on the partition yet
+        presumed = await Decider(store).decide(topic, [PartitionBatch(0, 3, batch, recent=fresh, look_up_all=False)])
+        # c1 presumed new: refused 402 (a stored decision, so it must be checked like any other)
+        assert presumed.presumed and [d.reply["status"] for d in presumed.writes[0].decisions] == [200, 402]
+        assert ("w", "c2") in fresh and ("w", "c1") in fresh  # what it decided, doubted from now on
+        with pytest.raises(StoredAlready, match="1 of 2 decisions"):
+            await Decider(store).commit(topic, presumed, render)
+        assert await store.claim(topic, 0) == 3  # nothing moved
+        again = await Decider(store).apply_one(topic, PartitionBatch(0, 3, batch, recent=fresh), render)
+        first, retry = again.decisions
+        assert first.reply["balance"] == 2 and retry.reply["duplicate"] and retry.reply["balance"] == 3, retry.reply
+    finally:
+        await store.close()
+    wallets, decided = await books_after_outbox_cleared(settings.database_url)
+    assert wallets["w"]["balance"] == 2 and wallets["w"]["seq"] == 4 and all(n == 1 for n in decided.values())
 
 
 async def books_after_outbox_cleared(database_url: str):

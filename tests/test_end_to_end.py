@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import signal
 import uuid
 
 from tests.conftest import wait_until_serving
@@ -87,4 +88,36 @@ async def test_retries_are_duplicates_and_a_changed_body_is_a_conflict(workers, 
         assert reply["error"] == "idempotency_conflict" and "seq" not in reply
     wallets, decided = await books(settings.database_url)
     assert wallets["w"]["balance"] == 0 and wallets["w"]["seq"] == 2 + 1_000
+    assert all(count == 1 for count in decided.values())
+
+
+async def test_retries_of_an_earlier_owners_decisions_are_duplicates_among_new_commands(workers, ledger, settings, tmp_path):
+    """A worker looks up only the ids it decided lately. Commands decided by the worker before it
+    (stopped here), sent again among new ones, are presumed new by the next, refused by the commit's
+    unique key, and decided again with every id looked up: each answers its first decision."""
+    first_worker = workers.start()
+    await wait_until_serving(ledger)
+    names = [f"w{i}" for i in range(8)]
+    await setup_wallets(ledger, names, 400 * AMOUNT)
+    first = charges(names, 2_000)
+    before = await run_load(settings, first)
+    first_worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(first_worker.wait, 60) == 0
+    workers.start()
+    mixed = random.Random(3).sample(first, 400) + charges(names, 2_000)
+    random.Random(4).shuffle(mixed)
+    received = await run_load(settings, mixed, tag="-again")
+    for c in mixed:
+        (reply,) = received[c["id"]]
+        if c["id"] in before:
+            assert {**reply, "duplicate": False} == before[c["id"]][0] and reply["duplicate"] is True, reply
+        else:
+            assert reply["duplicate"] is False and reply["status"] in (200, 402), reply
+    assert "deciding again, every id looked up" in (tmp_path / "worker-1.log").read_text()
+    wallets, decided = await books(settings.database_url)
+    decisions = {**received, **before}  # each id's first reply
+    commands = {c["id"]: c for c in first + mixed}
+    for name in names:  # funds for 400 charges each; 250 + 250 sent
+        assert sum(decisions[i][0]["ok"] for i, c in commands.items() if c["wallet"] == name) == 400
+        assert wallets[name]["balance"] == 0
     assert all(count == 1 for count in decided.values())

@@ -60,3 +60,17 @@ async def test_a_partition_claimed_again_publishes_its_outbox_again():
 
     assert len(publisher.published) == 2
     assert store.deleted == [7, 8]
+
+
+def test_recent_ids_are_always_doubted_and_few_others_are():
+    from worker.core.recent import GENERATION_IDS, Recent
+
+    recent = Recent()
+    added = [("w", f"c{n}") for n in range(GENERATION_IDS + 1000)]  # into a second generation
+    for start in range(0, len(added), 997):
+        recent.add(added[start:start + 997])
+    assert all(pair in recent for pair in added)
+    others = [("w", f"other{n}") for n in range(20_000)]
+    assert sum(pair in recent for pair in others) < len(others) * 0.03  # a false positive costs one lookup
+    recent.add(("x", f"c{n}") for n in range(2 * GENERATION_IDS))  # two generations later
+    assert sum(pair in recent for pair in added) < len(added) * 0.03  # forgotten: presumed new, checked by the commit

@@ -45,6 +45,7 @@ class Decided:
     states: dict[int, PartitionState] = field(default_factory=dict)  # each partition's state after its batch
     outcome: dict[int, Committed | Fenced] = field(default_factory=dict)  # partitions settled already
     auth_version: int | None = None  # the auth state the batches were decided under
+    presumed: bool = False  # some ids were presumed new, not looked up: the commit may find them stored
 
 
 def _carried(state: PartitionState, named: set[str], known: int) -> PartitionState:
@@ -103,7 +104,9 @@ class Decider:
                 states[partition] = state
             if not fresh:
                 return decided
-            await store.load(connection, states, {p: records for p, (_, records) in fresh.items()})
+            doubted = {p: None if batch.look_up_all else batch.recent for p, (batch, _) in fresh.items()}
+            decided.presumed = any(doubts is not None for doubts in doubted.values())
+            await store.load(connection, states, {p: records for p, (_, records) in fresh.items()}, doubted)
             decided.auth_version, authority = await store.authority(
                 connection, [r for _, records in fresh.values() for r in records])
         for partition, (batch, records) in fresh.items():
@@ -114,6 +117,8 @@ class Decider:
             before = {name: wallets.get(name) for name in named}
             known = len(state.decisions)
             decisions = decide_batch(state, records)
+            if batch.recent is not None:
+                batch.recent.add((d.parsed.command.wallet, d.parsed.command.id) for d in decisions if d.stored)
             after = {name: wallets.get(name) for name in named}
             decided.writes.append(Write(partition, batch.seen_offset, records[-1].record.offset + 1, state.clock_ms,
                                         before, after, decisions))  # fmt: skip

@@ -34,6 +34,9 @@ SWEPT = Counter("floorguard_sweeper_expires_total", "expire commands written by 
 RECORDS_FETCHED = Counter("floorguard_records_fetched_total", "Command records handed to the worker by its consumer")
 DATABASE_UNREACHABLE = Gauge("floorguard_database_unreachable", "1 while the database is unreachable, else 0")
 DATABASE_OUTAGES = Counter("floorguard_database_outages_total", "Times the database became unreachable")
+DECIDED_AGAIN = Counter("floorguard_batches_decided_again_total",
+                        "Commits refused because an id presumed new had a decision stored; their batches are "
+                        "decided again, every id looked up")  # fmt: skip
 PAUSED_PARTITIONS = Gauge("floorguard_paused_partitions", "Partitions not fetched until the database answers")
 
 log = logging.getLogger("floorguard.metrics")

@@ -30,9 +30,10 @@ from worker.config import Topics
 from worker.core.model import Parsed, PartitionState, Record
 from worker.core.outgoing import Outgoing, rendered
 from worker.core.parse import parse
+from worker.core.recent import Recent
 from worker.adapter.publisher import Publisher, Undeliverable
 from worker.decider import AuthChanged, Decided, Decider
-from worker.store.store import TRANSIENT_ERRORS, Committed, Fenced, Outbox, PartitionBatch, Store
+from worker.store.store import TRANSIENT_ERRORS, Committed, Fenced, Outbox, PartitionBatch, Store, StoredAlready
 from worker.sweeper import BrokerClock
 
 # A light fetch is written in one transaction over all its partitions: one flush, few round trips,
@@ -74,6 +75,10 @@ class Partition:
     # One publish of what was left in its outbox at a time: the assignment, its first batch and
     # `tend` may each find it CLAIMED, and without it all of them published the same rows.
     healing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # The ids its batches decided lately: only those are looked up for an earlier decision. Below
+    # `look_up_below`, where a commit found an id presumed new stored already, every id is.
+    recent: Recent = field(default_factory=Recent)
+    look_up_below: int = -1
 
     def __post_init__(self) -> None:
         self.decided_offset = self.next_offset
@@ -296,7 +301,8 @@ class Processor:
                 return  # revoked or sought back since the fetch: these records come again, or go to the new owner
             try:
                 decided = await decider.decide(self._topics.commands, [
-                    PartitionBatch(p.number, p.decided_offset, batch, p.state, p.committing is not None)
+                    PartitionBatch(p.number, p.decided_offset, batch, p.state, p.committing is not None,
+                                   p.recent, look_up_all=p.decided_offset < p.look_up_below)
                     for p, batch in owned.items()])  # fmt: skip
                 break
             except INFRA_ERRORS as error:
@@ -355,6 +361,17 @@ class Processor:
                         partition.acknowledged.extend(positions)
                         self._start_over(partition)
                     log.info("partitions %s: keys or modes changed meanwhile; deciding again", sorted(decided.states))
+                    return
+                except StoredAlready:
+                    if not decided.presumed:
+                        raise  # every id was looked up, and one was stored all the same: a bug
+                    metrics.DECIDED_AGAIN.inc()
+                    for partition, positions in taken.items():
+                        partition.acknowledged.extend(positions)
+                        partition.look_up_below = max(partition.look_up_below, partition.decided_offset)
+                        self._start_over(partition)
+                    log.info("partitions %s: an id presumed new was decided before; deciding again, every id "
+                             "looked up", sorted(decided.states))  # fmt: skip
                     return
                 except INFRA_ERRORS as error:
                     for partition, positions in taken.items():

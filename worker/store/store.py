@@ -7,7 +7,7 @@ this module knows the tables and the statements, not the order of a batch.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 
@@ -16,6 +16,7 @@ import asyncpg
 from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
+from worker.core.recent import Recent
 from worker.store.queries import QUERIES
 from worker.store.rows import bool_array, decision_columns, decode_records, encode_records, id_array, int_array
 
@@ -26,6 +27,7 @@ POOL_SIZE_MAX = 8
 COMMAND_TIMEOUT_S = 30
 CONNECT_TIMEOUT_S = 10
 GUARD_REFUSED_SQLSTATE = "FG001"  # raised by floorguard_commit when the guarded statement skips a wallet
+STORED_ALREADY_SQLSTATE = "FG002"  # raised by floorguard_commit when a decision's (wallet, id) is stored
 
 
 # Faults worth retrying: the connection went away or the server asked us to try again.
@@ -58,6 +60,11 @@ class GuardRefused(AssertionError):
     """The database refused a state the core accepted: a bug, so the process stops."""
 
 
+class StoredAlready(Exception):
+    """A batch presumed an id new that has a decision stored: nothing was written; decide the batch
+    again, looking up every id (migrations/0007_idempotency_by_the_unique_key.sql)."""
+
+
 @dataclass(frozen=True, slots=True)
 class PartitionBatch:
     partition: int
@@ -67,6 +74,11 @@ class PartitionBatch:
     # batch's state), or None: then whatever the batch needs is read from the database.
     state: PartitionState | None = None
     committing: bool = False  # the batch before this one may not be committed yet
+    # The ids decided on the partition lately (worker/core/recent.py): with `look_up_all` false,
+    # only these are looked up for an earlier decision, the others presumed new (the commit checks
+    # the presumption). The batch's stored decisions are added to it.
+    recent: Recent | None = None
+    look_up_all: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,18 +181,22 @@ class Store:
         return {int(row["partition"]): Position(int(row["next_offset"]), int(row["clock_ms"])) for row in rows}
 
     async def load(self, connection: asyncpg.Connection, states: dict[int, PartitionState],
-                   batches: dict[int, Sequence[Parsed]]) -> None:  # fmt: skip
+                   batches: dict[int, Sequence[Parsed]],
+                   doubted: dict[int, Container[tuple[str, str]] | None] | None = None) -> None:  # fmt: skip
         """Fill each partition's state with what its batch names and the state lacks: wallets and
-        holds (a state carried over from the last batch has most of them), every earlier decision
-        under the batch's (wallet, id) pairs, and the prices of the models it names."""
+        holds (a state carried over from the last batch has most of them), the earlier decisions
+        under the batch's (wallet, id) pairs (all of them, or those its `doubted` names), and the
+        prices of the models it names."""
         owner: dict[str, int] = {}
         pairs: list[tuple[str, str]] = []
         holds: list[tuple[str, str]] = []
         models: dict[int, set[str]] = {}
         missing: list[str] = []
+        doubted = doubted or {}
         for partition, batch in batches.items():
             state = states[partition]
             known_wallets, known_holds = state.wallets, state.holds
+            doubts = doubted.get(partition)
             for parsed in batch:
                 command = parsed.command
                 if command.__class__ is not Command:
@@ -190,7 +206,9 @@ class Store:
                     owner[wallet] = partition
                     if wallet not in known_wallets:
                         missing.append(wallet)
-                pairs.append((wallet, command.id))
+                pair = (wallet, command.id)
+                if doubts is None or pair in doubts:
+                    pairs.append(pair)
                 if command.hold is not None and (wallet, command.hold) not in known_holds:
                     holds.append((wallet, command.hold))
                 if command.usage is not None:
@@ -200,10 +218,11 @@ class Store:
         if missing:
             for row in await connection.fetch(QUERIES["load_wallets"], id_array(missing)):
                 states[owner[row[0]]].wallets[row[0]] = Wallet(*row)
-        wallets, ids = zip(*pairs, strict=True)
-        rows = await connection.fetch(QUERIES["load_decisions"], id_array(wallets), id_array(ids))
-        for wallet, id_, fingerprint, reply in rows:
-            states[owner[wallet]].decisions[(wallet, id_)] = StoredDecision(fingerprint, json.loads(reply))
+        if pairs:
+            wallets, ids = zip(*pairs, strict=True)
+            rows = await connection.fetch(QUERIES["load_decisions"], id_array(wallets), id_array(ids))
+            for wallet, id_, fingerprint, reply in rows:
+                states[owner[wallet]].decisions[(wallet, id_)] = StoredDecision(fingerprint, json.loads(reply))
         if holds:
             wallets, named = zip(*holds, strict=True)
             for row in await connection.fetch(QUERIES["load_holds"], id_array(wallets), id_array(named)):
@@ -305,6 +324,8 @@ class Store:
             except asyncpg.PostgresError as error:
                 if error.sqlstate == GUARD_REFUSED_SQLSTATE:
                     raise GuardRefused(str(error)) from error
+                if error.sqlstate == STORED_ALREADY_SQLSTATE:
+                    raise StoredAlready(str(error)) from error
                 raise
         result = Stored()
         for kind, partition, value in rows:
