@@ -31,7 +31,7 @@ from faststream.security import BaseSecurity, SASLScram512
 
 from worker.adapter import fetch_guard, metrics
 from worker.adapter.processor import Processor, Rebalance
-from worker.adapter.publisher import Publisher
+from worker.adapter.publisher import Publisher, stopped_for_good
 from worker.adapter.topics import check_commands_topic
 from worker.config import KafkaCredentials, Settings
 from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
@@ -81,7 +81,8 @@ def build_app(settings: Settings) -> FastStream:
     def consumer():  # the aiokafka consumer beneath the subscriber, once it has started
         return subscriber.consumer if subscriber is not None else None
 
-    publisher = Publisher(lambda: _producer(broker), topics.dlq)
+    renew_producer = _renewer(broker)
+    publisher = Publisher(lambda: _producer(broker), topics.dlq, renew_producer)
     clock = BrokerClock()
     processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock)
 
@@ -100,6 +101,8 @@ def build_app(settings: Settings) -> FastStream:
                                                    headers=headers))  # fmt: skip
             sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
         except KafkaError as error:
+            if stopped_for_good(producer):
+                await renew_producer()
             raise SendFailed(repr(error)) from error
         return max((metadata.timestamp for metadata in sent), default=None)
 
@@ -254,6 +257,40 @@ def _producer(broker: KafkaBroker) -> AIOKafkaProducer:
     producer = broker.config.producer._producer.producer  # the broker's connected aiokafka producer
     assert isinstance(producer, AIOKafkaProducer), type(producer)
     return producer
+
+
+def _renewer(broker: KafkaBroker) -> Callable[[], Awaitable[None]]:
+    """Puts a new aiokafka producer in the place of one that stopped for good (see
+    `publisher.stopped_for_good`), through FastStream's own `connect`, with the options FastStream
+    built the first one from; then stops the old one. Without it the worker went on deciding
+    nothing it could publish: every publish failed with the dead producer's error until a restart.
+    The new producer starts before it takes the old one's place, so that every publish and expire
+    finds a producer; when the broker is away it does not start, and the next failure tries again.
+    It never raises: the failure that called it is what its caller hears of."""
+    renewing = asyncio.Lock()
+
+    async def renew() -> None:
+        async with renewing:
+            old = _producer(broker)
+            if not stopped_for_good(old):
+                return  # renewed by another publish meanwhile
+            log.warning("the Kafka producer stopped for good (%r): starting a new one",
+                        old._sender.sender_task.exception())  # fmt: skip
+            holder = broker.config.producer
+            new = AIOKafkaProducer(**broker._connection_kwargs)
+            try:
+                await holder.connect(new, serializer=holder.serializer, codec=holder.codec)
+            except Exception as error:  # the broker is away: the next failed publish tries again
+                log.warning("a new Kafka producer did not start (%r)", error)
+                await new.stop()
+                return
+            metrics.PRODUCERS_RENEWED.inc()
+            try:
+                await asyncio.wait_for(old.stop(), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
+            except Exception as error:  # it sends nothing more; its connections go with it
+                log.warning("the old Kafka producer did not stop cleanly (%r)", error)
+
+    return renew
 
 
 async def _raw_records(records: tuple, original_parser: Any) -> KafkaMessageClass:

@@ -37,6 +37,8 @@ DATABASE_OUTAGES = Counter("floorguard_database_outages_total", "Times the datab
 DECIDED_AGAIN = Counter("floorguard_batches_decided_again_total",
                         "Commits refused because an id presumed new had a decision stored; their batches are "
                         "decided again, every id looked up")  # fmt: skip
+PRODUCERS_RENEWED = Counter("floorguard_kafka_producers_renewed_total",
+                            "Kafka producers replaced after theirs stopped for good (OutOfOrderSequenceNumber)")
 PAUSED_PARTITIONS = Gauge("floorguard_paused_partitions", "Partitions not fetched until the database answers")
 
 log = logging.getLogger("floorguard.metrics")

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
@@ -50,10 +50,21 @@ class Undeliverable(Exception):
     pass
 
 
+def stopped_for_good(producer: AIOKafkaProducer) -> bool:
+    """Whether the producer's sender has ended: aiokafka's idempotent producer stops for good on
+    OutOfOrderSequenceNumber (seen after a broker restart, when a batch it had sent timed out and
+    the next one came with a sequence the broker did not expect) or ProducerFenced, and fails every
+    later send with that error. Only a new producer, with a new producer id, sends again."""
+    task = producer._sender.sender_task  # the sender is aiokafka's; its task has no public accessor
+    return task is not None and task.done()
+
+
 class Publisher:
-    def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str) -> None:
+    def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str,
+                 renew: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
+        self._renew = renew  # puts a new producer in place of one `stopped_for_good`
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
         self._placed_by_key = _Sparse()
         self._dead_lettered = _Sparse()
@@ -66,8 +77,17 @@ class Publisher:
         """Send every record and wait for the broker's acknowledgement of all of them.
 
         A reply whose topic or partition does not exist goes to the dead-letter topic instead,
-        with the reason; any other failure raises, and the caller keeps the records to retry.
+        with the reason; any other failure raises, and the caller keeps the records to retry. A
+        producer that failed for good is replaced first, so that the retry can succeed.
         """
+        try:
+            await self._publish(records)
+        except Exception:
+            if self._renew is not None and stopped_for_good(self._producer):
+                await self._renew()
+            raise
+
+    async def _publish(self, records: Sequence[Outgoing]) -> None:
         batches: dict[tuple[str, int], list[Outgoing]] = {}
         known: dict[str, int] = {}  # topic -> partition count, for topics whose every record is deliverable
         for record in records:
