@@ -92,8 +92,9 @@ async def test_retries_are_duplicates_and_a_changed_body_is_a_conflict(workers, 
 
 
 async def test_retries_of_an_earlier_owners_decisions_are_duplicates_among_new_commands(workers, ledger, settings, tmp_path):
-    """A worker looks up only the ids it decided lately. Commands decided by the worker before it
-    (stopped here), sent again among new ones, are presumed new by the next, refused by the commit's
+    """A worker looks up only the ids it decided lately, past the first records after its claim.
+    Commands decided by the worker before it (stopped here), sent again among new ones, are
+    presumed new by the next (whose window after the claim is none here), refused by the commit's
     unique key, and decided again with every id looked up: each answers its first decision."""
     first_worker = workers.start()
     await wait_until_serving(ledger)
@@ -103,7 +104,7 @@ async def test_retries_of_an_earlier_owners_decisions_are_duplicates_among_new_c
     before = await run_load(settings, first)
     first_worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(first_worker.wait, 60) == 0
-    workers.start()
+    workers.start(FLOORGUARD_LOOK_UP_ALL_RECORDS="0")
     mixed = random.Random(3).sample(first, 400) + charges(names, 2_000)
     random.Random(4).shuffle(mixed)
     received = await run_load(settings, mixed, tag="-again")

@@ -84,7 +84,7 @@ def build_app(settings: Settings) -> FastStream:
     renew_producer = _renewer(broker)
     publisher = Publisher(lambda: _producer(broker), topics.dlq, renew_producer)
     clock = BrokerClock()
-    processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock)
+    processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock, settings.look_up_all_records)
 
     # The sweeper signs its expires with the workers' own key, which may expire and nothing else.
     sweeper_secret = derive_secret(settings.master_secret, SWEEPER_KEY_ID) if settings.master_secret else None

@@ -26,7 +26,7 @@ from aiokafka.errors import IllegalStateError, KafkaError
 
 from worker import failpoints
 from worker.adapter import metrics
-from worker.config import Topics
+from worker.config import LOOK_UP_ALL_RECORDS_DEFAULT, REFUSED_LOOK_UP_FACTOR, Topics
 from worker.core.model import Parsed, PartitionState, Record
 from worker.core.outgoing import Outgoing, rendered
 from worker.core.parse import parse
@@ -76,7 +76,8 @@ class Partition:
     # `tend` may each find it CLAIMED, and without it all of them published the same rows.
     healing: asyncio.Lock = field(default_factory=asyncio.Lock)
     # The ids its batches decided lately: only those are looked up for an earlier decision. Below
-    # `look_up_below`, where a commit found an id presumed new stored already, every id is.
+    # `look_up_below` (some records past its claim, or past a commit that found an id presumed
+    # new stored already: `Settings.look_up_all_records`), every id is.
     recent: Recent = field(default_factory=Recent)
     look_up_below: int = -1
 
@@ -86,8 +87,10 @@ class Partition:
 
 class Processor:
     def __init__(self, store: Callable[[], Store], publisher: Publisher, topics: Topics,
-                 consumer: Callable[[], AIOKafkaConsumer | None], clock: BrokerClock) -> None:  # fmt: skip
+                 consumer: Callable[[], AIOKafkaConsumer | None], clock: BrokerClock,
+                 look_up_all_records: int = LOOK_UP_ALL_RECORDS_DEFAULT) -> None:  # fmt: skip
         self._clock = clock
+        self._look_up_all_records = look_up_all_records  # see worker/config.py
         self._store_of = store  # connected in the application's lifespan
         self._publisher = publisher
         self._topics = topics
@@ -134,11 +137,12 @@ class Processor:
         next_offset = await self._store.claim(self._topics.commands, number)
         partition = self._partitions.get(number)
         if partition is None:
-            self._partitions[number] = Partition(number, next_offset)
+            partition = self._partitions[number] = Partition(number, next_offset)
         else:  # claimed again after an outage: what it holds in memory may be ahead of the database
             partition.next_offset, partition.phase = next_offset, Phase.CLAIMED
             partition.state, partition.decided_offset, partition.generation = None, next_offset, partition.generation + 1
             partition.rewound_to = None
+        partition.look_up_below = max(partition.look_up_below, next_offset + self._look_up_all_records)
         consumer.seek(TopicPartition(self._topics.commands, number), next_offset)
         log.info("partition %d assigned, resuming at offset %d", number, next_offset)
 
@@ -368,7 +372,8 @@ class Processor:
                     metrics.DECIDED_AGAIN.inc()
                     for partition, positions in taken.items():
                         partition.acknowledged.extend(positions)
-                        partition.look_up_below = max(partition.look_up_below, partition.decided_offset)
+                        partition.look_up_below = max(partition.look_up_below,
+                                                      partition.decided_offset + REFUSED_LOOK_UP_FACTOR * self._look_up_all_records)  # fmt: skip
                         self._start_over(partition)
                     log.info("partitions %s: an id presumed new was decided before; deciding again, every id "
                              "looked up", sorted(decided.states))  # fmt: skip
