@@ -31,7 +31,7 @@ from faststream.security import BaseSecurity, SASLScram512
 
 from worker.adapter import fetch_guard, metrics
 from worker.adapter.processor import Processor, Rebalance
-from worker.adapter.publisher import Publisher, stopped_for_good
+from worker.adapter.publisher import Publisher, spoiled
 from worker.adapter.topics import check_commands_topic
 from worker.config import KafkaCredentials, Settings
 from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
@@ -101,8 +101,8 @@ def build_app(settings: Settings) -> FastStream:
                                                    headers=headers))  # fmt: skip
             sent = await asyncio.wait_for(asyncio.gather(*futures), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
         except KafkaError as error:
-            if stopped_for_good(producer):
-                await renew_producer()
+            if spoiled(producer, error):
+                await renew_producer(producer)
             raise SendFailed(repr(error)) from error
         return max((metadata.timestamp for metadata in sent), default=None)
 
@@ -259,23 +259,22 @@ def _producer(broker: KafkaBroker) -> AIOKafkaProducer:
     return producer
 
 
-def _renewer(broker: KafkaBroker) -> Callable[[], Awaitable[None]]:
-    """Puts a new aiokafka producer in the place of one that stopped for good (see
-    `publisher.stopped_for_good`), through FastStream's own `connect`, with the options FastStream
-    built the first one from; then stops the old one. Without it the worker went on deciding
-    nothing it could publish: every publish failed with the dead producer's error until a restart.
-    The new producer starts before it takes the old one's place, so that every publish and expire
-    finds a producer; when the broker is away it does not start, and the next failure tries again.
-    It never raises: the failure that called it is what its caller hears of."""
+def _renewer(broker: KafkaBroker) -> Callable[[AIOKafkaProducer], Awaitable[None]]:
+    """Puts a new aiokafka producer in the place of a spoiled one (see `publisher.spoiled`),
+    through FastStream's own `connect`, with the options FastStream built the first one from; then
+    stops the old one. Without it the worker went on deciding what it could not publish: every
+    publish failed with the broker's OutOfOrderSequenceNumber until a restart. The new producer
+    starts before it takes the old one's place, so that every publish and expire finds a producer;
+    when the broker is away it does not start, and the next failure tries again. It never raises:
+    the failure that called it is what its caller hears of."""
     renewing = asyncio.Lock()
 
-    async def renew() -> None:
+    async def renew(spoiled_producer: AIOKafkaProducer) -> None:
         async with renewing:
             old = _producer(broker)
-            if not stopped_for_good(old):
+            if old is not spoiled_producer:
                 return  # renewed by another publish meanwhile
-            log.warning("the Kafka producer stopped for good (%r): starting a new one",
-                        old._sender.sender_task.exception())  # fmt: skip
+            log.warning("the Kafka producer can send no more: starting a new one")
             holder = broker.config.producer
             new = AIOKafkaProducer(**broker._connection_kwargs)
             try:

@@ -38,7 +38,7 @@ DECIDED_AGAIN = Counter("floorguard_batches_decided_again_total",
                         "Commits refused because an id presumed new had a decision stored; their batches are "
                         "decided again, every id looked up")  # fmt: skip
 PRODUCERS_RENEWED = Counter("floorguard_kafka_producers_renewed_total",
-                            "Kafka producers replaced after theirs stopped for good (OutOfOrderSequenceNumber)")
+                            "Kafka producers replaced after the broker refused theirs for good (OutOfOrderSequenceNumber)")
 PAUSED_PARTITIONS = Gauge("floorguard_paused_partitions", "Partitions not fetched until the database answers")
 
 log = logging.getLogger("floorguard.metrics")

@@ -16,7 +16,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    ProducerFenced,
+    UnknownProducerId,
+)
 
 from worker.core.outgoing import Outgoing
 from worker.core.placement import partition_of
@@ -50,21 +56,28 @@ class Undeliverable(Exception):
     pass
 
 
-def stopped_for_good(producer: AIOKafkaProducer) -> bool:
-    """Whether the producer's sender has ended: aiokafka's idempotent producer stops for good on
-    OutOfOrderSequenceNumber (seen after a broker restart, when a batch it had sent timed out and
-    the next one came with a sequence the broker did not expect) or ProducerFenced, and fails every
-    later send with that error. Only a new producer, with a new producer id, sends again."""
+# The broker's answers after which an idempotent producer never sends to the partition again:
+# aiokafka fails the batch and goes on with the next sequence number, which the broker refuses the
+# same way, for good (Java's producer would take a new epoch; aiokafka 0.14 does not).
+_SPOILING = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch, ProducerFenced)
+
+
+def spoiled(producer: AIOKafkaProducer, error: BaseException) -> bool:
+    """Whether only a new producer, with a new producer id, can send again after this error.
+
+    Seen in `make chaos` after a broker restart: every publish failed with OutOfOrderSequenceNumber
+    for minutes (a batch the broker had not kept, and each later one a sequence past it). Also when
+    the producer's sender has ended (aiokafka ends it on some errors and fails every later send)."""
     task = producer._sender.sender_task  # the sender is aiokafka's; its task has no public accessor
-    return task is not None and task.done()
+    return isinstance(error, _SPOILING) or (task is not None and task.done())
 
 
 class Publisher:
     def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str,
-                 renew: Callable[[], Awaitable[None]] | None = None) -> None:  # fmt: skip
+                 renew: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None) -> None:  # fmt: skip
         self._producer_of = producer  # the broker's producer exists only once the broker runs
         self._dlq_topic = dlq_topic
-        self._renew = renew  # puts a new producer in place of one `stopped_for_good`
+        self._renew = renew  # puts a new producer in the place of a `spoiled` one
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
         self._placed_by_key = _Sparse()
         self._dead_lettered = _Sparse()
@@ -80,11 +93,12 @@ class Publisher:
         with the reason; any other failure raises, and the caller keeps the records to retry. A
         producer that failed for good is replaced first, so that the retry can succeed.
         """
+        producer = self._producer
         try:
             await self._publish(records)
-        except Exception:
-            if self._renew is not None and stopped_for_good(self._producer):
-                await self._renew()
+        except Exception as error:
+            if self._renew is not None and spoiled(producer, error):
+                await self._renew(producer)
             raise
 
     async def _publish(self, records: Sequence[Outgoing]) -> None:
