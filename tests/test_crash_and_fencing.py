@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import ROOT, wait_until_serving, worker_env
 from tests.harness import Replies, books, events, send_all
-from worker.core.model import Parsed, Record, Wallet
+from worker.core.decide import decide_batch
+from worker.core.model import Parsed, PartitionState, Record, Wallet
 from worker.core.outgoing import rendered
 from worker.core.parse import parse
 from worker.decider import Decider
@@ -218,6 +219,28 @@ async def test_the_database_refuses_an_overdraft_even_from_a_buggy_writer(settin
         # ... and the CHECK constraint stops any other statement.
         with pytest.raises(asyncpg.CheckViolationError):
             await connection.execute("UPDATE wallets SET balance = -1 WHERE wallet = 'w'")
+    finally:
+        await store.close()
+        await connection.close()
+
+
+async def test_the_database_refuses_a_decision_on_a_wallet_the_batch_does_not_move(settings):
+    """The commit checks what the decisions' foreign key checked: a buggy writer's decision on a
+    wallet that does not exist (its batch neither opens nor moves it) is refused with the batch."""
+    connection = await asyncpg.connect(settings.database_url)
+    store = await Store.connect(settings.database_url)
+    try:
+        await connection.execute("INSERT INTO partitions VALUES ('buggy', 0, 0, 0)")
+        version = await connection.fetchval("SELECT version FROM auth_settings")
+        charge = parse(Record(0, 0, 1_000, b"ghost", b'{"v":1,"op":"charge","id":"c","wallet":"ghost","amount":1}', ()), ())
+        state = PartitionState(0, 1_000, {"ghost": Wallet("ghost", 10, 0, 0, 1, 0)})  # a core that believed in it
+        (decision,) = decide_batch(state, [charge])
+        encoded, _ = rendered(decision, settings.topics.events, settings.topics.dlq, "buggy")
+        with pytest.raises(GuardRefused, match="neither opens nor moves"):
+            await store.commit("buggy", [Write(0, 0, 1, 1_000, {}, {}, [decision])], {0: []}, {0: [(decision, encoded)]},
+                               [], version)  # fmt: skip
+        assert await connection.fetchval("SELECT count(*) FROM decisions") == 0
+        assert await connection.fetchval("SELECT next_offset FROM partitions WHERE topic = 'buggy'") == 0
     finally:
         await store.close()
         await connection.close()
