@@ -109,6 +109,15 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
     assert sorted(wallets) == ["a0", "a1", "b0"] and all(count == 1 for count in decided.values())
 
 
+def _on_wallet_w(offset: int, value: bytes) -> Parsed:
+    """A command record of wallet w on partition 0, at `offset`, its broker time 1,000 + offset."""
+    return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
+
+
+def _renderer(settings, topic: str):
+    return lambda decision: rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+
+
 async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_if_it_fails(settings):
     """The worker decides a partition's next batch from the state its last batch left, before that
     batch is committed: a retry of a command still committing is a duplicate, the balance is the one
@@ -118,11 +127,7 @@ async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_
     try:
         assert await store.claim(topic, 0) == 0
 
-        def record(offset: int, value: bytes) -> Parsed:
-            return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
-
-        def render(decision):
-            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+        record, render = _on_wallet_w, _renderer(settings, topic)
 
         setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
                  record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}')]  # fmt: skip
@@ -154,11 +159,7 @@ async def test_an_id_presumed_new_that_was_decided_before_refuses_the_whole_comm
     try:
         assert await store.claim(topic, 0) == 0
 
-        def record(offset: int, value: bytes) -> Parsed:
-            return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
-
-        def render(decision):
-            return rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+        record, render = _on_wallet_w, _renderer(settings, topic)
 
         charge = b'{"v":1,"op":"charge","id":"c1","wallet":"w","amount":7}'
         setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
