@@ -97,6 +97,7 @@ class Load:
         self.tasks: set[asyncio.Task] = set()
         self.count = 0
         self.recent: list[str] = []  # correlation ids of the latest commands, to send some again
+        self.followed: set[tuple[str, str]] = set()  # reserves whose hold was captured or released
 
     async def start(self) -> None:
         await self.producer.start()
@@ -152,9 +153,14 @@ class Load:
                         self._follow(self.ledger.commands[correlation_id], reply)
 
     def _follow(self, command: dict, reply: dict) -> None:
-        """A hold opened by the load is captured or released once its reserve is answered."""
+        """A hold opened by the load is captured or released once its reserve is answered (once:
+        a reserve sent again is answered again, and a second, different follow-up under the same
+        id would be refused 409 idempotency_conflict)."""
         if command["op"] != "reserve" or not reply["ok"] or command.get("ttl_ms") == SHORT_HOLD_TTL_MS:
             return
+        if (command["wallet"], command["id"]) in self.followed:
+            return
+        self.followed.add((command["wallet"], command["id"]))
         op = "capture" if self.rng.random() < 0.8 else "release"
         follow = {"v": 1, "op": op, "id": f"{op[0]}-{command['id']}", "wallet": command["wallet"], "hold": reply["hold"]}
         if op == "capture":
@@ -473,8 +479,8 @@ async def check(settings: config.Settings, ledger: Ledger) -> tuple[dict, list[s
     if twice:
         violations.append(f"{twice} command ids with more than one decision")
     sent_ids = {(c["wallet"], c["id"]) for c in ledger.commands.values()}
-    # a refusal the contract does not store (401, 422, 403, 404 wallet_not_found, 409
-    # idempotency_conflict, 409 hold_not_expired) has no decision to match; the load sends none of them, so each is a violation of its own
+    # a refusal the contract does not store (401, 422 invalid_command or unknown_model, 403, 404
+    # wallet_not_found, 409 idempotency_conflict, 409 hold_not_expired) has no decision to match; the load sends none of them, so each is a violation of its own
     unstored = {k: r for k, r in ledger.replies.items() if r["error"] in UNSTORED_ERRORS}
     if unstored:
         violations.append(f"{len(unstored)} refusals that are never stored, e.g. {list(unstored.items())[:3]}")

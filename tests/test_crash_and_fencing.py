@@ -109,6 +109,29 @@ async def test_one_transaction_over_partitions_commits_the_owned_and_fences_the_
     assert sorted(wallets) == ["a0", "a1", "b0"] and all(count == 1 for count in decided.values())
 
 
+async def test_an_expire_is_looked_up_even_when_ids_are_presumed_new(settings):
+    """409 hold_not_expired is not stored, so the commit cannot catch an expire presumed new that
+    has an earlier decision: expires are always looked up. Here expire:h was refused 404 before
+    the hold h existed; sent again while h is open, it is that decision's duplicate."""
+    store = await Store.connect(settings.database_url)
+    topic = settings.topics.commands
+    try:
+        assert await store.claim(topic, 0) == 0
+        record, render = _on_wallet_w, _renderer(settings, topic)
+        expire = b'{"v":1,"op":"expire","id":"expire:h","wallet":"w","hold":"h"}'
+        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
+                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}'), record(2, expire),
+                 record(3, b'{"v":1,"op":"reserve","id":"h","wallet":"w","amount":5}')]  # fmt: skip
+        committed = await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)
+        assert committed.decisions[2].reply["error"] == "hold_not_found"
+        again = await Decider(store).apply_one(
+            topic, PartitionBatch(0, 4, [record(4, expire)], recent=Recent(), look_up_all=False), render)
+        (duplicate,) = again.decisions
+        assert duplicate.reply == {**committed.decisions[2].reply, "duplicate": True}, duplicate.reply
+    finally:
+        await store.close()
+
+
 def _on_wallet_w(offset: int, value: bytes) -> Parsed:
     """A command record of wallet w on partition 0, at `offset`, its broker time 1,000 + offset."""
     return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())

@@ -268,28 +268,44 @@ def _renewer(broker: KafkaBroker) -> Callable[[AIOKafkaProducer], Awaitable[None
     when the broker is away it does not start, and the next failure tries again. It never raises:
     the failure that called it is what its caller hears of."""
     renewing = asyncio.Lock()
+    stopping: set[asyncio.Task[None]] = set()  # old producers being stopped, kept from the collector
 
     async def renew(spoiled_producer: AIOKafkaProducer) -> None:
-        async with renewing:
-            old = _producer(broker)
-            if old is not spoiled_producer:
-                return  # renewed by another publish meanwhile
-            log.warning("the Kafka producer can send no more: starting a new one")
-            holder = broker.config.producer
-            new = AIOKafkaProducer(**broker._connection_kwargs)
-            try:
-                await holder.connect(new, serializer=holder.serializer, codec=holder.codec)
-            except Exception as error:  # the broker is away: the next failed publish tries again
-                log.warning("a new Kafka producer did not start (%r)", error)
-                await new.stop()
-                return
-            metrics.PRODUCERS_RENEWED.inc()
-            try:
-                await asyncio.wait_for(old.stop(), PRODUCER_REQUEST_TIMEOUT_MS / 1000)
-            except Exception as error:  # it sends nothing more; its connections go with it
-                log.warning("the old Kafka producer did not stop cleanly (%r)", error)
+        try:
+            async with renewing:
+                await _renew(spoiled_producer)
+        except Exception as error:  # shutting down (FastStream has no producer any more), or a bug
+            log.warning("the Kafka producer was not renewed (%r)", error)
+
+    async def _renew(spoiled_producer: AIOKafkaProducer) -> None:
+        old = _producer(broker)
+        if old is not spoiled_producer:
+            return  # renewed by another publish meanwhile
+        log.warning("the Kafka producer can send no more: starting a new one")
+        holder = broker.config.producer
+        new = AIOKafkaProducer(**broker._connection_kwargs)
+        try:
+            await holder.connect(new, serializer=holder.serializer, codec=holder.codec)
+        except Exception as error:  # the broker is away: the next failed publish tries again
+            log.warning("a new Kafka producer did not start (%r)", error)
+            await new.stop()
+            return
+        metrics.PRODUCERS_RENEWED.inc()
+        # Stopped aside: its `stop` waits for what it still holds, which the broker refuses.
+        task = asyncio.create_task(old.stop())
+        stopping.add(task)
+        task.add_done_callback(_stopped(stopping))
 
     return renew
+
+
+def _stopped(tasks: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("the old Kafka producer did not stop cleanly (%r)", task.exception())
+
+    return done
 
 
 async def _raw_records(records: tuple, original_parser: Any) -> KafkaMessageClass:

@@ -133,7 +133,8 @@ class Processor:
                 await self._heal(self._partitions[number])
 
     async def _claim(self, consumer: AIOKafkaConsumer, number: int) -> None:
-        """Read the partition's stored position and seek there; its outbox is published first."""
+        """Read the partition's stored position and seek there. Its outbox is published before its
+        first batch is decided (`_heal`, from `assigned`, `_ready` or `tend`)."""
         next_offset = await self._store.claim(self._topics.commands, number)
         partition = self._partitions.get(number)
         if partition is None:
@@ -511,7 +512,7 @@ class Processor:
                 try:
                     for tp in sorted(consumer.assignment()):
                         if tp.topic == self._topics.commands:
-                            await self._claim(consumer, tp.partition)  # its outbox is published first
+                            await self._claim(consumer, tp.partition)  # its outbox is healed before its first batch
                 except (*INFRA_ERRORS, IllegalStateError) as error:  # unreachable, or a partition just lost
                     metrics.HEALTH.last_error = f"database: {error!r}"
                     log.debug("database probe failed: %r", error)

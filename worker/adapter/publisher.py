@@ -95,13 +95,13 @@ class Publisher:
         """
         producer = self._producer
         try:
-            await self._publish(records)
+            await self._publish(records, producer)
         except Exception as error:
             if self._renew is not None and spoiled(producer, error):
                 await self._renew(producer)
             raise
 
-    async def _publish(self, records: Sequence[Outgoing]) -> None:
+    async def _publish(self, records: Sequence[Outgoing], producer: AIOKafkaProducer) -> None:
         batches: dict[tuple[str, int], list[Outgoing]] = {}
         known: dict[str, int] = {}  # topic -> partition count, for topics whose every record is deliverable
         for record in records:
@@ -113,7 +113,6 @@ class Publisher:
                     known[record.topic] = count
             partition = record.partition if record.partition is not None else self._place(record.key, count)
             batches.setdefault((record.topic, partition), []).append(record)
-        producer = self._producer
         futures = []
         for (topic, partition), batch in batches.items():
             builder = producer.create_batch()

@@ -8,8 +8,9 @@ decision, never a second effect.
 
 So the set may say "doubt it" of an id never added (a false positive: one lookup more), but never
 "new" of an id added lately (that would cost a decided batch). A Bloom filter in two generations
-fits: 2 bits set per id, 512 KiB a generation, found again with certainty until two generations of
-`GENERATION_IDS` have been added after it, false positives below 1.3% when both are full.
+fits: 2 bits set per id, 512 KiB a generation; an id is found again with certainty while fewer
+than `GENERATION_IDS` ids have been added after it (longer, if it came early in its generation);
+false positives about 1.3% per full generation, so up to about 2.5% when both are full.
 """
 
 from __future__ import annotations

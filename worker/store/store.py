@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
+from worker.core.codes import Op
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
 from worker.core.outgoing import Outgoing
 from worker.core.recent import Recent
@@ -207,7 +208,9 @@ class Store:
                     if wallet not in known_wallets:
                         missing.append(wallet)
                 pair = (wallet, command.id)
-                if doubts is None or pair in doubts:
+                # An expire is always looked up: it may be refused 409 hold_not_expired, which is
+                # not stored, so the commit could not catch an earlier decision under its id.
+                if doubts is None or pair in doubts or command.op is Op.EXPIRE:
                     pairs.append(pair)
                 if command.hold is not None and (wallet, command.hold) not in known_holds:
                     holds.append((wallet, command.hold))
