@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 import signal
 import subprocess
 import sys
@@ -113,23 +114,16 @@ async def test_an_expire_is_looked_up_even_when_ids_are_presumed_new(settings):
     """409 hold_not_expired is not stored, so the commit cannot catch an expire presumed new that
     has an earlier decision: expires are always looked up. Here expire:h was refused 404 before
     the hold h existed; sent again while h is open, it is that decision's duplicate."""
-    store = await Store.connect(settings.database_url)
-    topic = settings.topics.commands
-    try:
-        assert await store.claim(topic, 0) == 0
+    async with _owner_of_partition_0(settings) as (store, topic):
         record, render = _on_wallet_w, _renderer(settings, topic)
         expire = b'{"v":1,"op":"expire","id":"expire:h","wallet":"w","hold":"h"}'
-        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
-                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}'), record(2, expire),
-                 record(3, b'{"v":1,"op":"reserve","id":"h","wallet":"w","amount":5}')]  # fmt: skip
+        setup = _funded_w(expire, b'{"v":1,"op":"reserve","id":"h","wallet":"w","amount":5}')
         committed = await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)
         assert committed.decisions[2].reply["error"] == "hold_not_found"
         again = await Decider(store).apply_one(
             topic, PartitionBatch(0, 4, [record(4, expire)], recent=Recent(), look_up_all=False), render)
         (duplicate,) = again.decisions
         assert duplicate.reply == {**committed.decisions[2].reply, "duplicate": True}, duplicate.reply
-    finally:
-        await store.close()
 
 
 def _on_wallet_w(offset: int, value: bytes) -> Parsed:
@@ -137,23 +131,35 @@ def _on_wallet_w(offset: int, value: bytes) -> Parsed:
     return parse(Record(0, offset, 1_000 + offset, b"w", value, ()), ())
 
 
+def _funded_w(*then: bytes) -> list[Parsed]:
+    """Wallet w opened and credited 10 at offsets 0 and 1, then the commands `then` from offset 2."""
+    values = [b'{"v":1,"op":"open","id":"o","wallet":"w"}', b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}',
+              *then]  # fmt: skip
+    return [_on_wallet_w(offset, value) for offset, value in enumerate(values)]
+
+
 def _renderer(settings, topic: str):
     return lambda decision: rendered(decision, settings.topics.events, settings.topics.dlq, topic)
+
+
+@asynccontextmanager
+async def _owner_of_partition_0(settings):
+    """A store that has just claimed partition 0 of the commands topic, never decided before."""
+    store = await Store.connect(settings.database_url)
+    try:
+        assert await store.claim(settings.topics.commands, 0) == 0
+        yield store, settings.topics.commands
+    finally:
+        await store.close()
 
 
 async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_if_it_fails(settings):
     """The worker decides a partition's next batch from the state its last batch left, before that
     batch is committed: a retry of a command still committing is a duplicate, the balance is the one
     after it; and if that commit never happens, the next batch is fenced rather than stored."""
-    store = await Store.connect(settings.database_url)
-    topic = settings.topics.commands
-    try:
-        assert await store.claim(topic, 0) == 0
-
+    async with _owner_of_partition_0(settings) as (store, topic):
         record, render = _on_wallet_w, _renderer(settings, topic)
-
-        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
-                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}')]  # fmt: skip
+        setup = _funded_w()
         committed = await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)
         charge = b'{"v":1,"op":"charge","id":"c1","wallet":"w","amount":7}'
         decider = Decider(store)
@@ -167,8 +173,6 @@ async def test_a_batch_decided_while_the_last_one_commits_sees_it_and_is_fenced_
         assert isinstance((await decider.commit(topic, second, render))[0], Fenced)
         assert isinstance((await decider.commit(topic, first, render))[0], Committed)
         assert isinstance((await decider.commit(topic, second, render))[0], Committed)  # in order, it is stored
-    finally:
-        await store.close()
     wallets, decided = await books_after_outbox_cleared(settings.database_url)
     assert wallets["w"]["balance"] == 3 and wallets["w"]["seq"] == 4 and all(n == 1 for n in decided.values())
 
@@ -177,16 +181,10 @@ async def test_an_id_presumed_new_that_was_decided_before_refuses_the_whole_comm
     """A worker looks up only the ids it decided lately; the others it presumes new, and the
     decisions' unique key checks that in the commit: a wrong presumption writes nothing at all,
     and the batch decided again with every id looked up answers the earlier decision."""
-    store = await Store.connect(settings.database_url)
-    topic = settings.topics.commands
-    try:
-        assert await store.claim(topic, 0) == 0
-
+    async with _owner_of_partition_0(settings) as (store, topic):
         record, render = _on_wallet_w, _renderer(settings, topic)
-
         charge = b'{"v":1,"op":"charge","id":"c1","wallet":"w","amount":7}'
-        setup = [record(0, b'{"v":1,"op":"open","id":"o","wallet":"w"}'),
-                 record(1, b'{"v":1,"op":"credit","id":"f","wallet":"w","amount":10}'), record(2, charge)]  # fmt: skip
+        setup = _funded_w(charge)
         await Decider(store).apply_one(topic, PartitionBatch(0, 0, setup), render)  # by an earlier owner
         batch = [record(3, charge.replace(b'"c1"', b'"c2"').replace(b"7", b"1")), record(4, charge)]
         fresh = Recent()  # a new owner's: it decided nothing on the partition yet
@@ -200,8 +198,6 @@ async def test_an_id_presumed_new_that_was_decided_before_refuses_the_whole_comm
         again = await Decider(store).apply_one(topic, PartitionBatch(0, 3, batch, recent=fresh), render)
         first, retry = again.decisions
         assert first.reply["balance"] == 2 and retry.reply["duplicate"] and retry.reply["balance"] == 3, retry.reply
-    finally:
-        await store.close()
     wallets, decided = await books_after_outbox_cleared(settings.database_url)
     assert wallets["w"]["balance"] == 2 and wallets["w"]["seq"] == 4 and all(n == 1 for n in decided.values())
 

@@ -5,12 +5,14 @@ order, in two steps that the worker overlaps (it decides a partition's next batc
 previous one commits):
 
 1. `decide`: read what the partitions' states lack (wallets, holds, the earlier decisions under
-   the batch's ids, prices, the auth state), then run the pure core over each batch, in memory:
-   the same call a replay makes.
+   the batch's ids, or only those its partition decided lately when the others are presumed new,
+   prices, the auth state), then run the pure core over each batch, in memory: the same call a
+   replay makes.
 2. `commit`: one transaction, in one round trip, that locks the partitions' rows and checks that
    each stored position is the one the batch was decided from (else another worker, or a failed
    commit, moved it: the partition is fenced and left out), checks that the auth state has not
-   changed since step 1, and writes the decisions: one flush for every partition in it.
+   changed since step 1, and writes the decisions (refusing the whole transaction when an id
+   presumed new has a decision stored: `StoredAlready`): one flush for every partition in it.
 
 A partition's state (its wallets and holds) is carried from one batch to the next by the worker, so
 that a busy partition reads only what it has not seen. It is valid because every wallet is written

@@ -362,20 +362,17 @@ class Processor:
                         [position for positions in taken.values() for position in positions])  # fmt: skip
                     metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
                 except AuthChanged:
-                    for partition, positions in taken.items():
-                        partition.acknowledged.extend(positions)
-                        self._start_over(partition)
+                    self._decide_again(taken)
                     log.info("partitions %s: keys or modes changed meanwhile; deciding again", sorted(decided.states))
                     return
                 except StoredAlready:
                     if not decided.presumed:
                         raise  # every id was looked up, and one was stored all the same: a bug
                     metrics.DECIDED_AGAIN.inc()
-                    for partition, positions in taken.items():
-                        partition.acknowledged.extend(positions)
+                    for partition in taken:
                         partition.look_up_below = max(partition.look_up_below,
                                                       partition.decided_offset + REFUSED_LOOK_UP_FACTOR * self._look_up_all_records)  # fmt: skip
-                        self._start_over(partition)
+                    self._decide_again(taken)
                     log.info("partitions %s: an id presumed new was decided before; deciding again, every id "
                              "looked up", sorted(decided.states))  # fmt: skip
                     return
@@ -412,6 +409,13 @@ class Processor:
             for partition in partitions:
                 if partition.committing is asyncio.current_task():
                     partition.committing = None
+
+    def _decide_again(self, taken: dict[Partition, list[int]]) -> None:
+        """A commit that wrote nothing: its partitions keep their acknowledged outbox rows to delete
+        and start over from their stored positions."""
+        for partition, positions in taken.items():
+            partition.acknowledged.extend(positions)
+            self._start_over(partition)
 
     def _current(self, number: int, generation: int) -> Partition | None:
         """The partition, if this worker still owns it and has not sought it back since `generation`."""

@@ -3,14 +3,15 @@
 A worker looks up an id's earlier decision only when it has a reason to doubt that the id is new:
 it was decided on this partition lately (a client's retry, most often seconds later). Every other
 id is presumed new, and the batch's commit checks the presumption with the decisions' unique key
-(migrations/0007_idempotency_by_the_unique_key.sql): a wrong presumption costs that batch a second
+(migrations/0007_commit_checks_ids_and_wallets.sql): a wrong presumption costs that batch a second
 decision, never a second effect.
 
 So the set may say "doubt it" of an id never added (a false positive: one lookup more), but never
 "new" of an id added lately (that would cost a decided batch). A Bloom filter in two generations
 fits: 2 bits set per id, 512 KiB a generation; an id is found again with certainty while fewer
 than `GENERATION_IDS` ids have been added after it (longer, if it came early in its generation);
-false positives about 1.3% per full generation, so up to about 2.5% when both are full.
+false positives about 1.3% per full generation by the arithmetic (11% of the bits set, squared),
+so up to about 2.5% when both are full; `tests/test_processor.py` bounds them at 3%.
 """
 
 from __future__ import annotations

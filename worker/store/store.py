@@ -63,7 +63,7 @@ class GuardRefused(AssertionError):
 
 class StoredAlready(Exception):
     """A batch presumed an id new that has a decision stored: nothing was written; decide the batch
-    again, looking up every id (migrations/0007_idempotency_by_the_unique_key.sql)."""
+    again, looking up every id (migrations/0007_commit_checks_ids_and_wallets.sql)."""
 
 
 @dataclass(frozen=True, slots=True)
