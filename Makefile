@@ -6,11 +6,27 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-tools lint bench chaos stack-up stack-down clean
 
-$(STAMP): pyproject.toml clients/python/pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+NATIVE := $(VENV)/.native
+# cargo from a rustup install is found in ~/.cargo/bin even when that is not on PATH.
+export PATH := $(PATH):$(HOME)/.cargo/bin
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml $(NATIVE)
 	$(BIN)/pip install --quiet -e clients/python -e ".[test]"
 	touch $(STAMP)
+
+# The compiled hot path (native/, a Rust extension built by maturin): Debian's cargo when no Rust
+# toolchain is found. Without it the worker still runs, on the Python core alone, and says so.
+$(NATIVE): native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
+	[ -x $(BIN)/pip ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet --upgrade pip; }
+	@command -v cargo >/dev/null || [ "$$(id -u)" != 0 ] || \
+		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y cargo >/dev/null; }
+	@command -v cargo >/dev/null || { echo "native/ needs a Rust toolchain: the Debian package cargo, or rustup"; exit 1; }
+	@# Crates come over the registry's sparse protocol: cargo before 1.68 (Debian 12's is 1.65) knows
+	@# it only as an unstable option, which this switches on for cargo alone.
+	minor=$$(cargo -V | sed -E 's/^cargo 1\.([0-9]+).*/\1/'); \
+	if [ "$$minor" -lt 68 ]; then export __CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS=nightly CARGO_UNSTABLE_SPARSE_REGISTRY=true; fi; \
+	CARGO_REGISTRIES_CRATES_IO_PROTOCOL=sparse $(BIN)/pip install --quiet ./native
+	touch $(NATIVE)
 
 ## run: start the local Kafka and PostgreSQL (installing what is missing), migrate, create the
 ## topics, and run the worker in the foreground. Ctrl-C stops the worker.
@@ -51,4 +67,4 @@ stack-down: $(STAMP)
 	$(BIN)/floorguard stack down
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) .pytest_cache .hypothesis native/target

@@ -18,6 +18,7 @@ ENV_METRICS_PORT = "FLOORGUARD_METRICS_PORT"
 ENV_BATCH_RECORDS_MAX = "FLOORGUARD_BATCH_RECORDS_MAX"
 ENV_BATCH_WAIT_MS = "FLOORGUARD_BATCH_WAIT_MS"
 ENV_LOOK_UP_ALL_RECORDS = "FLOORGUARD_LOOK_UP_ALL_RECORDS"
+ENV_COMPILED = "FLOORGUARD_COMPILED"
 ENV_AUTH = "FLOORGUARD_AUTH"  # off | required
 ENV_MASTER_SECRET = "FLOORGUARD_MASTER_SECRET"
 ENV_MASTER_SECRET_FILE = "FLOORGUARD_MASTER_SECRET_FILE"
@@ -193,6 +194,7 @@ class Settings:
     batch_records_max: int = BATCH_RECORDS_MAX_DEFAULT
     batch_wait_ms: int = BATCH_WAIT_DEFAULT_MS
     look_up_all_records: int = LOOK_UP_ALL_RECORDS_DEFAULT
+    compiled: bool = True  # the compiled hot path (native/) when installed; "0" forces the Python core
     auth_required: bool = False
     master_secret: bytes | None = field(default=None, repr=False)  # never printed, never logged
     kafka_credentials: KafkaCredentials | None = None  # None: PLAINTEXT, as the local stack's default listener
@@ -215,6 +217,7 @@ class Settings:
             batch_records_max=int(os.environ.get(ENV_BATCH_RECORDS_MAX, BATCH_RECORDS_MAX_DEFAULT)),
             batch_wait_ms=int(os.environ.get(ENV_BATCH_WAIT_MS, BATCH_WAIT_DEFAULT_MS)),
             look_up_all_records=int(os.environ.get(ENV_LOOK_UP_ALL_RECORDS, LOOK_UP_ALL_RECORDS_DEFAULT)),
+            compiled=os.environ.get(ENV_COMPILED, "1") != "0",
             auth_required=_auth_required(),
             master_secret=master_secret_from_env(),
             kafka_credentials=KafkaCredentials.from_env(),

@@ -25,8 +25,8 @@ from collections.abc import Sequence
 from itertools import islice
 from dataclasses import dataclass, field
 
-from worker.core.decide import decide_batch
 from worker.core.model import Command, Decision, Parsed, PartitionState
+from worker.core.native import HotPath, hot_path
 from worker.core.outgoing import Outgoing
 from worker.store.store import Committed, Fenced, PartitionBatch, Render, Store, Write
 
@@ -64,8 +64,9 @@ def _carried(state: PartitionState, named: set[str], known: int) -> PartitionSta
 
 
 class Decider:
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, hot: HotPath | None = None) -> None:
         self._store = store
+        self._decide_batch = (hot or hot_path()).decide_batch
 
     async def decide(self, topic: str, batches: Sequence[PartitionBatch]) -> Decided:
         """Read what each batch needs and decide it. Records below a partition's `seen_offset` were
@@ -118,7 +119,7 @@ class Decider:
             wallets = state.wallets
             before = {name: wallets.get(name) for name in named}
             known = len(state.decisions)
-            decisions = decide_batch(state, records)
+            decisions = self._decide_batch(state, records)
             if batch.recent is not None:
                 batch.recent.add((d.parsed.command.wallet, d.parsed.command.id) for d in decisions if d.stored)
             after = {name: wallets.get(name) for name in named}

@@ -24,7 +24,7 @@ from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCreden
 from worker.core.auth import master_check
 from worker.core.outgoing import encode
 from worker.core.model import PartitionState
-from worker.core.parse import parse
+from worker.core.native import PYTHON
 from worker.decider import Decider
 from worker.store import books
 from worker.store.migrate import migrate
@@ -91,7 +91,9 @@ async def _prepare(store: Store, source_url: str, target_url: str, topics: Topic
 async def _run(store: Store, bootstrap: str, topics: Topics, partition_count: int, progress: Callable[[str], None],
                credentials: KafkaCredentials | None) -> Replayed:  # fmt: skip
     forbidden = (topics.commands, topics.events, topics.dlq)
-    decider = Decider(store)
+    # The Python core, the definition, rebuilds the ledger: a replay that agrees with the books the
+    # worker wrote also checks the compiled path that wrote them (worker/core/native.py).
+    decider, parse = Decider(store, PYTHON), PYTHON.parse
     seen: dict[int, int] = {}
     states: dict[int, PartitionState] = {}  # carried from batch to batch, as the worker does
     done = [0]

@@ -36,6 +36,7 @@ from worker.adapter.topics import check_commands_topic
 from worker.config import KafkaCredentials, Settings
 from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
 from worker.core.model import Hold
+from worker.core.native import MISSING, hot_path
 from worker.core.outgoing import encode
 from worker.store.keys import prepare_worker
 from worker.store.store import Store
@@ -84,7 +85,8 @@ def build_app(settings: Settings) -> FastStream:
     renew_producer = _renewer(broker)
     publisher = Publisher(lambda: _producer(broker), topics.dlq, renew_producer)
     clock = BrokerClock()
-    processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock, settings.look_up_all_records)
+    processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock, settings.look_up_all_records,
+                          hot_path(settings.compiled))
 
     # The sweeper signs its expires with the workers' own key, which may expire and nothing else.
     sweeper_secret = derive_secret(settings.master_secret, SWEEPER_KEY_ID) if settings.master_secret else None
@@ -156,6 +158,9 @@ def build_app(settings: Settings) -> FastStream:
             async with runtime["store"].pool.acquire() as connection:
                 mode = await prepare_worker(connection, settings.auth_required, settings.master_secret)
             log.info("authentication: %s", mode)
+            if not processor.hot.compiled:
+                why = "switched off (FLOORGUARD_COMPILED=0)" if settings.compiled else f"not installed ({MISSING})"
+                log.warning("the compiled hot path is %s: the Python core decides every command, slower", why)
             yield
         finally:
             if not runtime.get("stopping"):  # armed when the shutdown began; here for a start that failed

@@ -29,7 +29,7 @@ from worker.adapter import metrics
 from worker.config import LOOK_UP_ALL_RECORDS_DEFAULT, REFUSED_LOOK_UP_FACTOR, Topics
 from worker.core.model import Parsed, PartitionState, Record
 from worker.core.outgoing import Outgoing, rendered
-from worker.core.parse import parse
+from worker.core.native import HotPath, hot_path
 from worker.core.recent import Recent
 from worker.adapter.publisher import Publisher, Undeliverable
 from worker.decider import AuthChanged, Decided, Decider
@@ -88,8 +88,9 @@ class Partition:
 class Processor:
     def __init__(self, store: Callable[[], Store], publisher: Publisher, topics: Topics,
                  consumer: Callable[[], AIOKafkaConsumer | None], clock: BrokerClock,
-                 look_up_all_records: int = LOOK_UP_ALL_RECORDS_DEFAULT) -> None:  # fmt: skip
+                 look_up_all_records: int = LOOK_UP_ALL_RECORDS_DEFAULT, hot: HotPath | None = None) -> None:  # fmt: skip
         self._clock = clock
+        self.hot = hot or hot_path()
         self._look_up_all_records = look_up_all_records  # see worker/config.py
         self._store_of = store  # connected in the application's lifespan
         self._publisher = publisher
@@ -245,7 +246,7 @@ class Processor:
             return  # stopping: what is not decided now is decided by the partitions' next owner
         self._clock.observe(max(raw.timestamp for raw in records))
         metrics.RECORDS_FETCHED.inc(len(records))
-        forbidden, count = self._forbidden_reply_topics, self.partition_count
+        forbidden, count, parse = self._forbidden_reply_topics, self.partition_count, self.hot.parse
         by_partition: dict[int, list[Parsed]] = {}
         for raw in records:
             batch = by_partition.get(raw.partition)
@@ -297,7 +298,7 @@ class Processor:
         this batch failed, or was fenced) is let go of: it was sought back, its records come again."""
         for _, batch in batches.values():
             metrics.BATCH_SIZE.observe(len(batch))
-        decider = Decider(self._store)
+        decider = Decider(self._store, self.hot)
         delay_s = INFRA_BACKOFF_FIRST_S
         for attempt in range(1, INFRA_RETRIES_MAX + 1):
             owned = {partition: batch for number, (generation, batch) in batches.items()
@@ -357,7 +358,7 @@ class Processor:
                     partition.acknowledged = []
                 try:
                     began_s = time.monotonic()
-                    outcome = await Decider(self._store).commit(
+                    outcome = await Decider(self._store, self.hot).commit(
                         self._topics.commands, decided, self.render,
                         [position for positions in taken.values() for position in positions])  # fmt: skip
                     metrics.COMMIT_SECONDS.observe(time.monotonic() - began_s)
