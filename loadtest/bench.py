@@ -171,11 +171,12 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), "unknown")  # fmt: skip
     postgres = subprocess.run([str(slowpg.bin_dir() / "postgres"), "--version"], capture_output=True, text=True).stdout.strip()
+    # The worker's pure Python per command (no I/O): the same code ran 1.7-2x slower on some days
+    # than on others on this kind of machine, so figures of different days scale by it.
+    steps = hotpath.main(["--commands", str(HOTPATH_COMMANDS)])
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "postgres": postgres,
-            "kafka": "Apache Kafka 4.1.1 (KRaft, one node)",
-            # The worker's pure Python per command (no I/O): the same code ran 1.7-2x slower on some
-            # days than on others on this kind of machine, so figures of different days scale by it.
-            "hotpath_us": hotpath.main(["--commands", str(HOTPATH_COMMANDS)])["us_per_command"]["total"]}  # fmt: skip
+            "kafka": "Apache Kafka 4.1.1 (KRaft, one node)", "hotpath_us": steps["us_per_command"]["total"],
+            "hotpath_compiled_us": steps.get("compiled_us_per_command", {}).get("total", "n/a")}  # fmt: skip
 
 
 def plot(latency_run: dict, path: Path) -> None:
@@ -264,7 +265,8 @@ def header(results: dict) -> list[str]:
         f"Python {machine_['python']}. `pg_test_fsync` fdatasync: this disk {results['fsync']['this disk']}; "
         f"with the emulation library {results['fsync']['0.5 ms emulated']}. This machine's Python speed on the day: "
         f"{machine_.get('hotpath_us', 'n/a')} µs a command through the worker's pure Python (`loadtest/hotpath.py`, no "
-        "I/O; the same code has read 1.7–2× apart on different days here): compare runs of different days by it.", "",
+        "I/O; the same code has read 1.7–2× apart on different days here): compare runs of different days by it. "
+        f"The same steps with parse and decide compiled, as the worker runs them: {machine_.get('hotpath_compiled_us', 'n/a')} µs.", "",
     ]  # fmt: skip
     return lines
 

@@ -27,12 +27,24 @@ import load  # noqa: E402
 SAMPLES_PER_S = 200  # sampled without pausing the worker (--nonblocking), so that it runs at its speed; drain.py too
 WARM_UP_S = 3  # a load run's first seconds, before batches reach their size under load
 TOP_FUNCTIONS = 15
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def call_site(path: str, call: str) -> str:
+    """The frame text of the line in `path` that makes `call`: what py-spy shows as the innermost
+    Python frame while the compiled path (native/), which has no Python frame of its own, runs it."""
+    lines = (ROOT / path).read_text().splitlines()
+    return f"({path}:{next(n for n, line in enumerate(lines, 1) if call in line)})"
+
+
 # (name, what a frame of the sampled stack contains: any of these). A frame reads
 # "Qualified.name (path/in/its/package.py:line)".
 CATEGORIES = (
-    ("parse commands (core `parse`; the adapter's `record_of`)",
-     ("parse (worker/core/parse.py", "record_of (worker/adapter/processor.py")),
-    ("decide (core `decide_batch`)", ("decide_batch (worker/core/decide.py",)),
+    ("parse commands (core `parse`, compiled or not; the adapter's `record_of`)",
+     ("parse (worker/core/parse.py", "record_of (worker/adapter/processor.py",
+      call_site("worker/adapter/processor.py", "batch.append(parse(record_of(raw)"))),
+    ("decide (core `decide_batch`, compiled or not)",
+     ("decide_batch (worker/core/decide.py", call_site("worker/decider.py", "self._decide_batch(state, records)"))),
     ("render replies and events (core `rendered`)",
      ("rendered (worker/core/outgoing.py", "Processor.render (worker/adapter/processor.py")),
     ("PostgreSQL: reads, rows, COPY and statements (worker/store; asyncpg)", ("worker/store/", "asyncpg/")),

@@ -5,8 +5,10 @@
 Feeds aiokafka `ConsumerRecord`s (charges with a reply address, as the worker fetches them) through
 the same functions the worker runs per batch: from a fetched record to a parsed command, the
 decisions of a partition's batch, the records to publish, and the columns the batch's statements
-take. Prints microseconds per command for each step (best of five rounds). The database round trips
-and the produce calls are measured end to end by `loadtest/drain.py`, not here.
+take. Prints microseconds per command for each step (best of five rounds): through the Python
+core (`us_per_command`, the machine's Python speed that `make bench` records), and with parse and
+decide compiled (`compiled_us_per_command`, as the worker runs them when native/ is installed). The
+database round trips and the produce calls are measured end to end by `loadtest/drain.py`, not here.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from aiokafka.structs import ConsumerRecord
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.adapter.processor import record_of  # noqa: E402
-from worker.core.decide import decide_batch  # noqa: E402
 from worker.core.model import PartitionState, Wallet  # noqa: E402
+from worker.core.native import COMPILED, PYTHON, HotPath  # noqa: E402
 from worker.core.outgoing import rendered  # noqa: E402
-from worker.core.parse import parse  # noqa: E402
 from worker.store.rows import decision_columns, encode_records  # noqa: E402
 
 ROUNDS = 5
@@ -60,15 +61,22 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     fetched = records(args.commands, args.wallets, random.Random(1))
     funded = {f"w{i}": Wallet(f"w{i}", 10**12, 0, 0, 2, 0) for i in range(args.wallets)}
+    result: dict = {"commands": len(fetched), "us_per_command": steps(PYTHON, fetched, funded),
+                    "python": sys.version.split()[0]}  # fmt: skip
+    if COMPILED is not None:
+        result["compiled_us_per_command"] = steps(COMPILED, fetched, funded)
+    return result
 
+
+def steps(path: HotPath, fetched: list[ConsumerRecord], funded: dict[str, Wallet]) -> dict[str, float]:
     def parsing():
-        return [parse(record_of(raw), FORBIDDEN, 1) for raw in fetched]
+        return [path.parse(record_of(raw), FORBIDDEN, 1) for raw in fetched]
 
     parse_s, parsed = best(parsing)
 
     def deciding():
         state = PartitionState(0, 0, dict(funded))
-        return state, decide_batch(state, parsed)
+        return state, path.decide_batch(state, parsed)
 
     decide_s, (state, decided) = best(deciding)
 
@@ -84,11 +92,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     columns_s, _ = best(writing)
     count = len(fetched)
-    steps = {"parse (record to command)": parse_s, "decide": decide_s, "render (reply and event bytes)": render_s,
-             "rows of the batch's statements (decisions, outbox)": columns_s}  # fmt: skip
-    report = {name: round(seconds * 1e6 / count, 2) for name, seconds in steps.items()}
+    seconds = {"parse (record to command)": parse_s, "decide": decide_s, "render (reply and event bytes)": render_s,
+               "rows of the batch's statements (decisions, outbox)": columns_s}  # fmt: skip
+    report = {name: round(spent * 1e6 / count, 2) for name, spent in seconds.items()}
     report["total"] = round(sum(report.values()), 2)
-    return {"commands": count, "us_per_command": report, "python": sys.version.split()[0]}
+    return report
 
 
 if __name__ == "__main__":
