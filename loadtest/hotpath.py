@@ -6,8 +6,9 @@ Feeds aiokafka `ConsumerRecord`s (charges with a reply address, as the worker fe
 the same functions the worker runs per batch: from a fetched record to a parsed command, the
 decisions of a partition's batch, the records to publish, and the columns the batch's statements
 take. Prints microseconds per command for each step (best of five rounds): through the Python
-core (`us_per_command`, the machine's Python speed that `make bench` records), and with parse and
-decide compiled (`compiled_us_per_command`, as the worker runs them when native/ is installed). The
+core (`us_per_command`, the machine's Python speed that `make bench` records), and with parse,
+decide and the decision rows compiled (`compiled_us_per_command`, as the worker runs them when
+native/ is installed). The
 database round trips and the produce calls are measured end to end by `loadtest/drain.py`, not here.
 """
 
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.adapter.processor import record_of  # noqa: E402
 from worker.core.model import PartitionState, Wallet  # noqa: E402
-from worker.core.native import COMPILED, PYTHON, HotPath  # noqa: E402
+from worker.core.native import COMPILED, COMPILED_COLUMNS, PYTHON, HotPath  # noqa: E402
 from worker.core.outgoing import rendered  # noqa: E402
 from worker.store.rows import decision_columns, encode_records  # noqa: E402
 
@@ -86,8 +87,10 @@ def steps(path: HotPath, fetched: list[ConsumerRecord], funded: dict[str, Wallet
     render_s, sent = best(rendering)
     stored = [(decision, encoded) for decision, (encoded, _) in zip(decided, sent, strict=True) if decision.stored]
 
+    columns = COMPILED_COLUMNS if path.compiled and COMPILED_COLUMNS is not None else decision_columns
+
     def writing():
-        return decision_columns([d for d, _ in stored], [e for _, e in stored]), encode_records(
+        return columns([d for d, _ in stored], [e for _, e in stored]), encode_records(
             [record for _, records in sent for record in records])
 
     columns_s, _ = best(writing)

@@ -53,7 +53,7 @@ async def replay(bootstrap: str, topics: Topics, source_url: str, target_url: st
                  master_secret: bytes | None = None, credentials: KafkaCredentials | None = None) -> Replayed:  # fmt: skip
     fetch_guard.install()  # read every record of the log as the workers did
     await migrate(target_url)
-    store = await Store.connect(target_url, master_secret=master_secret)
+    store = await Store.connect(target_url, master_secret=master_secret, compiled=False)  # the definition, as below
     try:
         await _prepare(store, source_url, target_url, topics, bootstrap, master_secret, credentials)
         partitions = await topic_partitions(bootstrap, topics.commands, credentials)

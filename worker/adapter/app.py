@@ -153,7 +153,8 @@ def build_app(settings: Settings) -> FastStream:
         partitions = await check_commands_topic(settings.kafka_bootstrap, topics, settings.kafka_credentials)
         processor.partition_count = partitions  # each record is checked against its key's partition (D33)
         log.info("%s has %d partitions, LogAppendTime, retention forever", topics.commands, partitions)
-        runtime["store"] = await Store.connect(settings.database_url, master_secret=settings.master_secret)
+        runtime["store"] = await Store.connect(settings.database_url, master_secret=settings.master_secret,
+                                                 compiled=settings.compiled)
         try:
             async with runtime["store"].pool.acquire() as connection:
                 mode = await prepare_worker(connection, settings.auth_required, settings.master_secret)

@@ -51,10 +51,13 @@ try:
 except ImportError as error:  # not built: `make` builds it (native/README.md)
     COMPILED: HotPath | None = None
     MISSING: str | None = str(error)
+    COMPILED_COLUMNS: Callable[[Sequence[Decision], Sequence[bytes]], tuple] | None = None
 else:
     _core = Core(PARTS)
     COMPILED = HotPath(_core.parse, _core.decide_batch, True)
     MISSING = None
+    # worker/store/rows.py's `decision_columns`, compiled: the store chooses it (worker/store/store.py).
+    COMPILED_COLUMNS = Core.decision_columns
 
 
 def hot_path(compiled: bool = True) -> HotPath:

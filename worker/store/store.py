@@ -16,6 +16,7 @@ import asyncpg
 from worker.core.auth import Authority, Credentials, Key, Scope, secret_deriver
 from worker.core.codes import Op
 from worker.core.model import Command, Decision, Hold, Parsed, PartitionState, Price, StoredDecision, Wallet
+from worker.core.native import COMPILED_COLUMNS
 from worker.core.outgoing import Outgoing
 from worker.core.recent import Recent
 from worker.store.queries import QUERIES
@@ -133,8 +134,10 @@ KEYS_CACHED_MAX = 100_000
 
 
 class Store:
-    def __init__(self, pool: asyncpg.Pool, master_secret: bytes | None = None) -> None:
+    def __init__(self, pool: asyncpg.Pool, master_secret: bytes | None = None, compiled: bool = True) -> None:
         self._pool = pool
+        # A batch's decision rows, built compiled when native/ is installed (worker/core/native.py).
+        self._decision_columns = COMPILED_COLUMNS if compiled and COMPILED_COLUMNS is not None else decision_columns
         self._secret_of = secret_deriver(master_secret) if master_secret is not None else None
         # What the auth tables held at `_auth_version`: read again only when the version moves.
         self._auth_version: int | None = None
@@ -146,7 +149,8 @@ class Store:
 
     @classmethod
     async def connect(
-        cls, database_url: str, pool_size_max: int = POOL_SIZE_MAX, master_secret: bytes | None = None
+        cls, database_url: str, pool_size_max: int = POOL_SIZE_MAX, master_secret: bytes | None = None,
+        compiled: bool = True,
     ) -> Store:
         pool = await asyncpg.create_pool(
             database_url,
@@ -156,7 +160,7 @@ class Store:
             timeout=CONNECT_TIMEOUT_S,
             reset=_keep_session,
         )
-        return cls(pool, master_secret)
+        return cls(pool, master_secret, compiled)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -322,7 +326,7 @@ class Store:
                     id_array([h.wallet for h in latest]), id_array([h.hold for h in latest]),
                     int_array(h.amount for h in latest), int_array(h.expires_at_ms for h in latest),
                     bool_array(h.open for h in latest), int_array(h.partition for h in latest),
-                    *decision_columns([d for d, _ in decisions], [encoded for _, encoded in decisions]),
+                    *self._decision_columns([d for d, _ in decisions], [encoded for _, encoded in decisions]),
                     int_array(p for p, _ in kept), [encode_records(records) for _, records in kept])  # fmt: skip
             except asyncpg.PostgresError as error:
                 if error.sqlstate == GUARD_REFUSED_SQLSTATE:
