@@ -300,3 +300,43 @@ def test_the_safe_range_edge_is_refused_the_same_both_ways():
     _records, python = _decide_both([batch])
     assert python == 0
 
+
+
+# --- the rows of a batch --------------------------------------------------------------------
+
+
+def test_the_decision_rows_of_random_histories_are_the_same_both_ways():
+    from worker.core.outgoing import rendered
+    from worker.store.rows import decision_columns
+
+    for seed in range(base := random.randrange(2**32), base + 10):
+        decisions = PYTHON.decide_batch(_state(), _history(seed, 300))
+        stored = [(d, rendered(d, "fz.events", "fz.dlq", "fz.commands")[0]) for d in decisions if d.stored]
+        args = ([d for d, _ in stored], [encoded for _, encoded in stored])
+        assert native.COMPILED_COLUMNS(*args) == decision_columns(*args), seed
+    assert native.COMPILED_COLUMNS([], []) == decision_columns([], [])
+
+
+def test_a_core_type_whose_fields_changed_stops_the_compiled_path_at_its_start():
+    """It makes the core's types positionally: a field added or moved must be taught to it first."""
+    from msgspec import Struct
+
+    class Command(Struct):  # noqa: D106 - the core's Command, with one field more
+        op: str
+        id: str
+        wallet: str
+        amount: int | None = None
+        usage: object = None
+        floor: int | None = None
+        hold: str | None = None
+        ttl_ms: int | None = None
+        memo: str | None = None
+        v: int = 1
+        tags: dict | None = None
+
+    try:
+        floorguard_native.Core({**native.PARTS, "Command": Command})
+    except TypeError as error:
+        assert "Command" in str(error) and "tags" in str(error)
+    else:
+        raise AssertionError("the compiled path started on a Command it does not know")

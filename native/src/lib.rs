@@ -8,6 +8,7 @@ use pyo3::types::{PyDict, PyString};
 mod decide;
 mod json;
 mod parse;
+mod rows;
 mod time;
 
 pub const SAFE_INTEGER_MAX: i64 = (1 << 53) - 1;
@@ -62,6 +63,18 @@ impl Op {
     }
 }
 
+/// The fields of the core's types that the compiled path makes or reads, in their order.
+const KNOWN_FIELDS: [(&str, &[&str]); 8] = [
+    ("Command", &["op", "id", "wallet", "amount", "usage", "floor", "hold", "ttl_ms", "memo", "v"]),
+    ("Usage", &["model", "input_tokens", "output_tokens"]),
+    ("ReplyAddress", &["topic", "correlation_id", "partition"]),
+    ("Parsed", &["record", "command", "reply_address", "dead_letter_reason", "credentials"]),
+    ("Wallet", &["wallet", "balance", "reserved", "floor", "seq", "partition"]),
+    ("Hold", &["wallet", "hold", "amount", "expires_at_ms", "open", "partition"]),
+    ("Decision", &["parsed", "reply", "stored", "wallet", "hold", "fingerprint", "memo", "at_ms"]),
+    ("StoredDecision", &["fingerprint", "reply"]),
+];
+
 /// The Python core's types and functions that the compiled path makes and calls.
 #[pyclass(frozen)]
 pub struct Core {
@@ -108,6 +121,17 @@ impl Core {
                 .map(Bound::unbind)
                 .ok_or_else(|| pyo3::exceptions::PyKeyError::new_err(name.to_owned()))
         };
+        // The compiled path makes these types positionally and reads them by name: a field added,
+        // removed or moved in worker/core/model.py must be taught to it (or handed to the Python
+        // core) before the worker starts, never read silently wrong.
+        for (name, fields) in KNOWN_FIELDS {
+            let found: Vec<String> = part(name)?.bind(py).getattr("__struct_fields__")?.extract()?;
+            if found != fields {
+                return Err(pyo3::exceptions::PyTypeError::new_err(format!(
+                    "floorguard_native knows {name}'s fields as {fields:?}, the core has {found:?}: update native/src"
+                )));
+            }
+        }
         let op_type = part("Op")?;
         let mut ops = Vec::new();
         let mut op_names = Vec::new();
@@ -165,6 +189,15 @@ impl Core {
         batch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, pyo3::types::PyList>> {
         decide::decide_batch(self, state, batch)
+    }
+
+    /// `worker.store.rows.decision_columns(stored, replies)`: the same fifteen columns.
+    #[staticmethod]
+    fn decision_columns<'py>(
+        stored: &Bound<'py, PyAny>,
+        replies: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, pyo3::types::PyTuple>> {
+        rows::decision_columns(stored, replies)
     }
 
     /// `worker.core.decide.format_time` for 1970 to 9999.
