@@ -3,7 +3,8 @@
 The worker parses and decides with the compiled path; the Python core is the definition, and
 decides whatever the compiled path hands it. If the two ever read a record differently, or left a
 different state behind, a command would be decided against the contract. These tests drive both
-with the fuzzer's grammar, arbitrary bytes and random histories (every op, holds that expire,
+with the fuzzer's grammar (broken records and arbitrary bytes: tests/test_parse_paths.py, beside
+the Python core's own two paths) and random histories (every op, holds that expire,
 duplicates and conflicts, 404s, priced usage, required signatures, balances at the safe range's
 edge), and require equal `Parsed`s, equal decisions and equal states. They also require that the
 common records are in fact decided compiled, so that a compiled path that handed everything to the
@@ -18,11 +19,9 @@ import json
 import random
 
 import floorguard_native
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from tests.fuzzing import HypothesisChooser, RandomChooser, broken_record, fuzz_record, valid_draft
-from tests.test_fuzz import FORBIDDEN, WORLD, headers_strategy, json_objects, record_of
+from tests.fuzzing import RandomChooser, valid_draft
+from tests.test_fuzz import FORBIDDEN, WORLD
 from worker.core import native
 from worker.core.auth import Authority
 from worker.core.codes import SAFE_INTEGER_MAX
@@ -71,33 +70,6 @@ def test_every_valid_command_parses_the_same_both_ways_and_most_compiled():
     # The grammar adds memos with escapes, reply_partition headers, models that are not ASCII and
     # the like, which the Python core reads; plain commands must nearly all be read compiled.
     assert compiled > RECORDS_PER_RUN // 4, compiled
-
-
-def test_every_broken_record_parses_the_same_both_ways():
-    chooser = RandomChooser(seed := random.randrange(2**32))
-    for n in range(RECORDS_PER_RUN):
-        case = fuzz_record(chooser, WORLD)
-        record = record_of(case, correlation_id=f"c-{n}" if case.correlated else None)
-        assert COMPILED.parse(record, FORBIDDEN, None) == parse(record, FORBIDDEN), (seed, n, case)
-
-
-@settings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.data())
-def test_hypothesis_finds_no_record_the_two_paths_read_apart(data):
-    chooser = HypothesisChooser(data)
-    if data.draw(st.booleans()):
-        record = _valid(chooser)
-    else:
-        record = record_of(broken_record(chooser, WORLD), correlation_id="c-1")
-    assert COMPILED.parse(record, FORBIDDEN, None) == parse(record, FORBIDDEN)
-
-
-@settings(max_examples=2_000, deadline=None)
-@given(st.one_of(st.none(), st.binary(max_size=16), st.just(b"w")),
-       st.one_of(st.none(), st.binary(max_size=64), json_objects), headers_strategy)  # fmt: skip
-def test_arbitrary_bytes_parse_the_same_both_ways(key, value, headers):
-    record = Record(0, 0, 0, key, value, tuple(headers))
-    assert COMPILED.parse(record, FORBIDDEN, None) == parse(record, FORBIDDEN)
 
 
 def test_values_the_python_fast_path_reads_by_counting_strings():
@@ -321,7 +293,7 @@ def test_a_core_type_whose_fields_changed_stops_the_compiled_path_at_its_start()
     """It makes the core's types positionally: a field added or moved must be taught to it first."""
     from msgspec import Struct
 
-    class Command(Struct):  # noqa: D106 - the core's Command, with one field more
+    class Command(Struct):
         op: str
         id: str
         wallet: str

@@ -1,4 +1,5 @@
-"""The fast path of `parse` answers exactly what the thorough one would, on every record.
+"""The fast path of `parse` answers exactly what the thorough one would, on every record; so does
+the compiled one (native/, `worker/core/native.py`).
 
 `parse` takes a well-formed command by a typed msgspec decode and hands anything unusual to
 `parse_thorough`; if the fast path ever accepted a record the thorough one refuses, or read it
@@ -19,6 +20,7 @@ from tests.fuzzing import HypothesisChooser, RandomChooser, broken_record, fuzz_
 from tests.test_fuzz import FORBIDDEN, WORLD, headers_strategy, json_objects, record_of
 from worker.core.codes import Op
 from worker.core.model import Command, Record, Usage
+from worker.core.native import COMPILED
 from worker.core.parse import _well_formed, parse, parse_thorough
 from worker.core.placement import partition_of
 
@@ -49,7 +51,8 @@ def test_every_broken_record_parses_the_same_both_ways():
     for n in range(RECORDS_PER_RUN):
         case = fuzz_record(chooser, WORLD)
         record = record_of(case, correlation_id=f"c-{n}" if case.correlated else None)
-        assert parse(record, FORBIDDEN) == parse_thorough(record, FORBIDDEN), (seed, n, case)
+        thorough = parse_thorough(record, FORBIDDEN)
+        assert parse(record, FORBIDDEN) == thorough == COMPILED.parse(record, FORBIDDEN, None), (seed, n, case)
 
 
 @settings(max_examples=1_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -60,7 +63,7 @@ def test_hypothesis_finds_no_record_the_two_paths_read_apart(data):
         record = _valid(chooser)
     else:
         record = record_of(broken_record(chooser, WORLD), correlation_id="c-1")
-    assert parse(record, FORBIDDEN) == parse_thorough(record, FORBIDDEN)
+    assert parse(record, FORBIDDEN) == parse_thorough(record, FORBIDDEN) == COMPILED.parse(record, FORBIDDEN, None)
 
 
 @settings(max_examples=2_000, deadline=None)
@@ -68,7 +71,7 @@ def test_hypothesis_finds_no_record_the_two_paths_read_apart(data):
        st.one_of(st.none(), st.binary(max_size=64), json_objects), headers_strategy)  # fmt: skip
 def test_arbitrary_bytes_parse_the_same_both_ways(key, value, headers):
     record = Record(0, 0, 0, key, value, tuple(headers))
-    assert parse(record, FORBIDDEN) == parse_thorough(record, FORBIDDEN)
+    assert parse(record, FORBIDDEN) == parse_thorough(record, FORBIDDEN) == COMPILED.parse(record, FORBIDDEN, None)
 
 
 def test_a_key_given_twice_is_refused_by_both_paths():

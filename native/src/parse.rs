@@ -63,35 +63,22 @@ impl<'a> Fields<'a> {
             return None;
         }
         if !reader.eat(b'}') {
-            loop {
-                let key = reader.string()?;
-                if !reader.eat(b':') {
-                    return None;
-                }
-                let value = reader.value()?;
-                match key {
-                    "v" => set(&mut fields.v, int(value))?,
-                    "op" => set(&mut fields.op, text(value).and_then(Op::named))?,
-                    "id" => set(&mut fields.id, text(value))?,
-                    "wallet" => set(&mut fields.wallet, text(value))?,
-                    "amount" => set(&mut fields.amount, int(value))?,
-                    "floor" => set(&mut fields.floor, int(value))?,
-                    "hold" => set(&mut fields.hold, text(value))?,
-                    "ttl_ms" => set(&mut fields.ttl_ms, int(value))?,
-                    "memo" => set(&mut fields.memo, text(value))?,
-                    "usage" => match value {
-                        Value::Object => set(&mut fields.usage, read_usage(&mut reader))?,
-                        _ => return None,
-                    },
-                    _ => return None,
-                }
-                if reader.eat(b'}') {
-                    break;
-                }
-                if !reader.eat(b',') {
-                    return None;
-                }
-            }
+            members(&mut reader, |reader, key, value| match key {
+                "v" => set(&mut fields.v, int(value)),
+                "op" => set(&mut fields.op, text(value).and_then(Op::named)),
+                "id" => set(&mut fields.id, text(value)),
+                "wallet" => set(&mut fields.wallet, text(value)),
+                "amount" => set(&mut fields.amount, int(value)),
+                "floor" => set(&mut fields.floor, int(value)),
+                "hold" => set(&mut fields.hold, text(value)),
+                "ttl_ms" => set(&mut fields.ttl_ms, int(value)),
+                "memo" => set(&mut fields.memo, text(value)),
+                "usage" => match value {
+                    Value::Object => set(&mut fields.usage, read_usage(reader)),
+                    _ => None,
+                },
+                _ => None,
+            })?;
         }
         if reader.at_end() {
             Some(fields)
@@ -101,28 +88,36 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// `usage`'s members, its `{` consumed: all three, once each, nothing else.
-fn read_usage<'a>(reader: &mut Reader<'a>) -> Option<(&'a str, i64, i64)> {
-    let (mut model, mut input, mut output) = (None, None, None);
+/// Each `"key": value` of an object whose `{` is consumed, through `take`, up to its `}`.
+fn members<'a>(
+    reader: &mut Reader<'a>,
+    mut take: impl FnMut(&mut Reader<'a>, &'a str, Value<'a>) -> Option<()>,
+) -> Option<()> {
     loop {
         let key = reader.string()?;
         if !reader.eat(b':') {
             return None;
         }
         let value = reader.value()?;
-        match key {
-            "model" => set(&mut model, text(value))?,
-            "input_tokens" => set(&mut input, int(value))?,
-            "output_tokens" => set(&mut output, int(value))?,
-            _ => return None,
-        }
+        take(reader, key, value)?;
         if reader.eat(b'}') {
-            break;
+            return Some(());
         }
         if !reader.eat(b',') {
             return None;
         }
     }
+}
+
+/// `usage`'s members, its `{` consumed: all three, once each, nothing else.
+fn read_usage<'a>(reader: &mut Reader<'a>) -> Option<(&'a str, i64, i64)> {
+    let (mut model, mut input, mut output) = (None, None, None);
+    members(reader, |_, key, value| match key {
+        "model" => set(&mut model, text(value)),
+        "input_tokens" => set(&mut input, int(value)),
+        "output_tokens" => set(&mut output, int(value)),
+        _ => None,
+    })?;
     Some((model?, input?, output?))
 }
 
