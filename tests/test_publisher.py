@@ -11,7 +11,7 @@ from faststream.kafka import KafkaBroker
 
 from worker.adapter import metrics
 from worker.adapter.app import _producer, _renewer
-from worker.adapter.publisher import Publisher
+from worker.adapter.publisher import Publisher, Undeliverable
 from worker.core.outgoing import Outgoing
 
 READ_TIMEOUT_S = 30
@@ -60,5 +60,18 @@ async def test_a_producer_the_broker_refuses_for_good_is_replaced_and_the_next_p
         await publisher.publish([event(2)])  # as the outbox sends it again
         assert sorted(await _values(settings.kafka_bootstrap, settings.topics.events, settings.partitions, 2)) == [
             b'{"n":1}', b'{"n":2}']  # fmt: skip
+    finally:
+        await broker.stop()
+
+
+async def test_a_reply_whose_topic_and_dead_letter_topic_are_both_missing_is_undeliverable(settings):
+    """Not a crash of the placement arithmetic: the outbox keeps the records and the worker retries."""
+    broker = KafkaBroker(settings.kafka_bootstrap, acks="all", enable_idempotence=True)
+    await broker.connect()
+    try:
+        publisher = Publisher(lambda: _producer(broker), f"{settings.topics.dlq}-missing", _renewer(broker))
+        reply = Outgoing(f"{settings.topics.replies}-missing", None, b"w", b'{"n":1}', ())
+        with pytest.raises(Undeliverable, match="dead-letter topic"):
+            await publisher.publish([reply])
     finally:
         await broker.stop()

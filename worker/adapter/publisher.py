@@ -28,7 +28,10 @@ from worker.core.outgoing import Outgoing
 from worker.core.placement import partition_of
 
 SEND_TIMEOUT_S = 30
-TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions (or its absence) are taken as known
+TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions are taken as known
+# How long a topic's absence is: a reply topic an agent creates just before it sends must not be
+# taken as missing (its replies dead-lettered) for long because the broker had not yet listed it.
+TOPIC_ABSENT_TTL_S = 1.0
 TOPIC_CACHE_SIZE_MAX = 10_000
 LOG_INTERVAL_S = 10.0  # a sender's bad reply addresses are logged once per interval, not per record
 log = logging.getLogger("floorguard.publisher")
@@ -147,6 +150,8 @@ class Publisher:
             return Outgoing(record.topic, None, record.key, record.value, record.headers)
         if record.topic == self._dlq_topic:
             raise Undeliverable(f"the dead-letter topic {record.topic} is missing")
+        if not await self._partitions(self._dlq_topic):
+            raise Undeliverable(f"reply topic {record.topic} and the dead-letter topic {self._dlq_topic} are missing")
         reason = f"reply topic {record.topic} does not exist"
         self._dead_lettered.warning("reply sent to the dead-letter topic: %s", reason)
         headers = (*record.headers, ("reason", reason.encode()), ("reply_to", record.topic.encode()))
@@ -156,7 +161,7 @@ class Publisher:
         """The topic's partitions, from a cache refreshed every TOPIC_CACHE_TTL_S; empty: no such topic."""
         now_s = time.monotonic()
         cached = self._topics.get(topic)
-        if cached is not None and now_s - cached[0] < TOPIC_CACHE_TTL_S:
+        if cached is not None and now_s - cached[0] < (TOPIC_CACHE_TTL_S if cached[1] else TOPIC_ABSENT_TTL_S):
             return cached[1]
         partitions = self._producer.client.cluster.partitions_for_topic(topic)
         if partitions is None:

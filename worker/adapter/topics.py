@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 from aiokafka.errors import TopicAlreadyExistsError, for_code
@@ -9,6 +12,8 @@ from aiokafka.errors import TopicAlreadyExistsError, for_code
 from worker.config import KafkaCredentials, Misconfigured, Topics, kafka_client_options
 
 ADMIN_TIMEOUT_MS = 30_000
+LISTED_TIMEOUT_S = 30.0  # how long a creation may take to reach the broker's metadata
+LISTED_POLL_S = 0.05
 REPLIES_RETENTION_MS = 24 * 60 * 60 * 1000
 DLQ_RETENTION_MS = 30 * 24 * 60 * 60 * 1000
 
@@ -51,9 +56,25 @@ async def create_topics(bootstrap: str, topics: Topics, partitions: int,
             if error_code:
                 raise for_code(error_code)(f"creating {name}")
             created.append(name)
+        if created:
+            await _listed(admin, created)
     finally:
         await admin.close()
     return created
+
+
+async def _listed(admin: AIOKafkaAdminClient, names: list[str]) -> None:
+    """Wait until the broker's metadata lists each topic with its partitions: the controller answers
+    a creation before the brokers list the topic, and a client that sends at once (a test, a load
+    run, an agent) would otherwise be told the topic does not exist."""
+    deadline_s = time.monotonic() + LISTED_TIMEOUT_S
+    while True:
+        described = await admin.describe_topics(names)
+        if len(described) == len(names) and all(t["error_code"] == 0 and t["partitions"] for t in described):
+            return
+        if time.monotonic() > deadline_s:
+            raise TimeoutError(f"the broker did not list {names} within {LISTED_TIMEOUT_S} s of their creation")
+        await asyncio.sleep(LISTED_POLL_S)
 
 
 async def delete_topics(bootstrap: str, topics: Topics, credentials: KafkaCredentials | None = None) -> None:
