@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml $(NATIVE)
 	$(BIN)/pip install --quiet -e clients/python -e ".[test]"
 	touch $(STAMP)
 
-# The compiled hot path (native/, a Rust extension built by maturin): Debian's cargo when no Rust
-# toolchain is found. Without it the worker still runs, on the Python core alone, and says so.
+# The compiled hot path (native/, a Rust extension built by maturin), with Debian's cargo when no
+# Rust toolchain is found. `make` needs it; a worker installed without it (by pip alone) still runs,
+# on the Python core, and says so at its start.
 $(NATIVE): native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
 	[ -x $(BIN)/pip ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet --upgrade pip; }
 	@command -v cargo >/dev/null || [ "$$(id -u)" != 0 ] || \
