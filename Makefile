@@ -10,6 +10,10 @@ NATIVE := $(VENV)/.native
 # cargo from a rustup install is found in ~/.cargo/bin even when that is not on PATH.
 export PATH := $(PATH):$(HOME)/.cargo/bin
 
+$(BIN)/pip:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
 $(STAMP): pyproject.toml clients/python/pyproject.toml $(NATIVE)
 	$(BIN)/pip install --quiet -e clients/python -e ".[test]"
 	touch $(STAMP)
@@ -17,8 +21,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml $(NATIVE)
 # The compiled hot path (native/, a Rust extension built by maturin), with Debian's cargo when no
 # Rust toolchain is found. `make` needs it; a worker installed without it (by pip alone) still runs,
 # on the Python core, and says so at its start.
-$(NATIVE): native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs)
-	[ -x $(BIN)/pip ] || { $(PYTHON) -m venv $(VENV) && $(BIN)/pip install --quiet --upgrade pip; }
+$(NATIVE): native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard native/src/*.rs) | $(BIN)/pip
 	@command -v cargo >/dev/null || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y cargo >/dev/null; }
 	@command -v cargo >/dev/null || { echo "native/ needs a Rust toolchain: the Debian package cargo, or rustup"; exit 1; }

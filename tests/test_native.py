@@ -187,7 +187,7 @@ def _counting_core(counted: list[int]):
     return floorguard_native.Core({**native.PARTS, "decide": counting_decide})
 
 
-COMPILED_CORE = _counting_core([])
+COMPILED_CORE = floorguard_native.Core(native.PARTS)  # for its `well_formed`, the compiled parse alone
 
 
 def _decide_both(batches: list[list[Parsed]], authority: Authority | None = None) -> tuple[int, int]:

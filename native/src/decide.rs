@@ -138,7 +138,13 @@ fn read_hold(object: &Bound<'_, PyAny>) -> PyResult<Hold> {
 }
 
 /// `worker.core.decide._effect` and `_hold_effect`.
-fn effect(asked: &Asked<'_>, wallet: Wallet, hold: Option<Hold>, at_ms: i64) -> PyResult<Result<Effect, Refusal>> {
+fn effect(
+    asked: &Asked<'_>,
+    wallet: Wallet,
+    hold: Option<Hold>,
+    at_ms: i64,
+    partition: i64,
+) -> PyResult<Result<Effect, Refusal>> {
     let amount = asked.amount;
     let done = |wallet: Wallet, hold: Option<Hold>, amount: i64, expires_at_ms: Option<i64>| {
         Ok(Ok(Effect { wallet, hold, amount, expires_at_ms }))
@@ -169,7 +175,7 @@ fn effect(asked: &Asked<'_>, wallet: Wallet, hold: Option<Hold>, at_ms: i64) -> 
                 return Ok(Err(Refusal::BalanceOverflow));
             }
             let expires_at_ms = at_ms + asked.ttl_ms.unwrap_or(TTL_DEFAULT_MS);
-            let opened = Hold { amount, expires_at_ms, open: true, partition: -1 };
+            let opened = Hold { amount, expires_at_ms, open: true, partition };
             done(Wallet { reserved: wallet.reserved + amount, ..wallet }, Some(opened), amount, Some(expires_at_ms))
         }
         Op::Extend | Op::Capture | Op::Release | Op::Expire => {
@@ -448,7 +454,7 @@ fn decide<'py>(
         None => None,
     };
     let seq = wallet.seq + 1;
-    match effect(&asked, wallet, hold, at_ms)? {
+    match effect(&asked, wallet, hold, at_ms, partition)? {
         Err(Refusal::HoldNotExpired) => Ok(None), // unstored: the Python core answers it
         Err(refusal) => {
             let after = Wallet { seq, ..wallet };
@@ -471,18 +477,15 @@ fn decide<'py>(
             let hold = match outcome.hold {
                 None => None,
                 Some(hold) => {
-                    let (name, hold_partition) = if op == Op::Reserve {
-                        (asked.id.clone(), partition)
-                    } else {
-                        (asked.hold.clone().expect("a hold's op"), hold.partition)
-                    };
+                    // A reserve's hold is named by its id; the other ops name the hold they change.
+                    let name = if op == Op::Reserve { asked.id.clone() } else { asked.hold.clone().expect("a hold's op") };
                     let object = core.hold.bind(py).call1((
                         &asked.wallet,
                         &name,
                         hold.amount,
                         hold.expires_at_ms,
                         hold.open,
-                        hold_partition,
+                        hold.partition,
                     ))?;
                     Some((name, object))
                 }

@@ -6,7 +6,8 @@ no usage to price, where no signature is required, on a wallet the state holds, 
 hands every other record to the Python core, on the same state objects, in order. It makes the
 Python core's own objects (`Parsed`, `Decision`, `Wallet`, the reply dicts), field for field, so
 nothing after it can tell the two apart; the Python core stays the definition, and
-tests/test_native.py holds the two together on every record the fuzzer makes and on random histories.
+tests/test_parse_paths.py and tests/test_native.py hold the two together on the fuzzer's records and
+on random histories.
 Why compiled, and what it saves: docs/design.md, "The compiled hot path".
 """
 
