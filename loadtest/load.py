@@ -349,6 +349,8 @@ async def generate(binary: Path, args, settings: config.Settings, key: tuple[str
                "-drain-timeout", f"{DRAIN_TIMEOUT_S}s"]  # fmt: skip
     if args.generator_profile:
         command += ["-cpuprofile", args.generator_profile]
+    if args.eager:
+        command.append("-eager")
     env = dict(os.environ)
     if key is not None:
         command += ["-key-id", key[0]]
@@ -403,9 +405,13 @@ async def main(args, current: config.Settings | None = None, on_offer=None) -> d
     cores["load generator"] += offered["cpu_s"] / elapsed_s  # this process's share, and the Go program's
     return {
         "distribution": args.distribution, "wallets": args.wallets, "workers": args.workers,
-        "offered_per_s": args.rate, "seconds": args.seconds, "sent": sent, "answered": answered,
+        "offered_per_s": args.rate, "seconds": args.seconds, "eager": args.eager, "sent": sent, "answered": answered,
         "sent_per_s": round(sent / offered["offered_s"]), "answered_per_s": round(answered / offered["answered_s"]),
         "latency_ms": {q: round(ms, 2) for q, ms in offered["latency_ms"].items()},
+        # Where a reply's time went: the command acknowledged by the broker (the generator's linger
+        # and the produce), then the worker producing its reply, then the reply read.
+        "stages_ms": {stage: {q: round(ms, 2) for q, ms in quantiles.items()}
+                      for stage, quantiles in offered["stages_ms"].items()},
         "timeline": [[int(s), int(n), round(ms, 2)] for s, n, ms in offered["timeline"]],
         "statuses": offered["statuses"], "checks": checks, "worker_resident_mib": resident_mib,
         # Cores each part kept busy on average while commands were offered and answered.
@@ -481,6 +487,9 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--auth", action="store_true", help="workers require signed commands; every command is signed")
     parser.add_argument("--logs", default=str(ROOT / ".floorguard" / "load-logs"))
+    parser.add_argument("--eager", action="store_true",
+                        help="send each command when its time comes and read each reply as it lands, as an agent "
+                             "does (for latency; the generator's CPU per command rises at low rates)")  # fmt: skip
     parser.add_argument("--generator-profile", help="write the Go generator's CPU profile (pprof) here")
     parser.add_argument("--out", help="write the JSON result here too")
     return parser.parse_args(argv)

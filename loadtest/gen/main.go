@@ -40,11 +40,25 @@ import (
 const (
 	amountMax   = 1_000
 	historyMax  = 10_000
-	tick        = 5 * time.Millisecond // the offer's schedule: each tick sends the commands whose time has come
-	captureRate = 0.8                  // of the holds opened; the others are released
+	captureRate = 0.8 // of the holds opened; the others are released
 	secretEnv   = "FLOORGUARD_GEN_SECRET"
-	linger      = 5 * time.Millisecond  // what the producer gathers into one request, and the latency it adds
-	fetchWait   = 10 * time.Millisecond // what the reply reader gathers into one fetch (the least franz-go allows)
+	fetchWait   = 10 * time.Millisecond // the longest a reply fetch waits for its bytes (the least franz-go allows)
+)
+
+// pace is how the generator trades its own CPU against the latency it adds to what it measures.
+type pace struct {
+	tick          time.Duration // the offer's schedule: each tick sends the commands whose time has come
+	linger        time.Duration // what the producer gathers into one request
+	replyMinBytes int32         // what a reply fetch waits for (up to fetchWait) before it returns
+}
+
+var (
+	// Batched: cheap per command (a throughput run, where the generator must not be the limit),
+	// at the price of up to 5 ms before a command leaves and up to 10 ms before its reply is read.
+	batched = pace{tick: 5 * time.Millisecond, linger: 5 * time.Millisecond, replyMinBytes: 1 << 20}
+	// Eager: each command leaves when its time comes and each reply is read as it lands, as an
+	// agent sends and waits for one (a latency run); several times the CPU per command at low rates.
+	eager = pace{tick: time.Millisecond, linger: 0, replyMinBytes: 1}
 )
 
 type options struct {
@@ -55,6 +69,7 @@ type options struct {
 	seed                       int64
 	keyID, secret              string
 	drainTimeout               time.Duration
+	pace                       pace
 }
 
 // command is one to send: its wallet, its value and, on a reserve, its id (the hold's name).
@@ -70,6 +85,7 @@ type send struct {
 	wallet   int32
 	answered bool
 	reserve  string // a reserve's id, on a reserve or its retry: its reply opens the hold to close
+	acked    int64  // ns since the start: when the broker acknowledged it (0: not yet)
 }
 
 type generator struct {
@@ -86,6 +102,7 @@ type generator struct {
 
 	// Owned by the reader.
 	latenciesUs []int64
+	stagesUs    [3][]int64         // per reply: sent → acknowledged, acknowledged → reply produced, reply produced → read
 	timeline    map[int64][2]int64 // second -> replies, sum of latencies (µs)
 	statuses    map[int]int
 	closeRng    *rand.Rand
@@ -106,7 +123,12 @@ func main() {
 	flag.StringVar(&o.keyID, "key-id", "", "sign every command with this key, its secret in "+secretEnv)
 	flag.DurationVar(&o.drainTimeout, "drain-timeout", 120*time.Second, "how long to wait for the last replies")
 	profile := flag.String("cpuprofile", "", "write a CPU profile (pprof) of the run here")
+	eagerly := flag.Bool("eager", false, "send each command when its time comes and read each reply as it lands (a latency run)")
 	flag.Parse()
+	o.pace = batched
+	if *eagerly {
+		o.pace = eager
+	}
 	if *profile != "" {
 		f, err := os.Create(*profile)
 		if err != nil {
@@ -133,7 +155,7 @@ func run(o options) error {
 	defer cancel()
 	brokers := strings.Split(o.brokers, ",")
 	producer, err := kgo.NewClient(kgo.SeedBrokers(brokers...), kgo.RequiredAcks(kgo.AllISRAcks()),
-		kgo.ProducerLinger(linger), kgo.RecordPartitioner(kgo.StickyKeyPartitioner(nil)),
+		kgo.ProducerLinger(o.pace.linger), kgo.RecordPartitioner(kgo.StickyKeyPartitioner(nil)),
 		kgo.MaxBufferedRecords(1_000_000), kgo.ProducerBatchCompression(kgo.NoCompression()))
 	if err != nil {
 		return err
@@ -149,7 +171,7 @@ func run(o options) error {
 	at := map[int32]kgo.Offset{}
 	ends.Each(func(end kadm.ListedOffset) { at[end.Partition] = kgo.NewOffset().At(end.Offset) })
 	consumer, err := kgo.NewClient(kgo.SeedBrokers(brokers...),
-		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{o.replies: at}), kgo.FetchMaxWait(fetchWait), kgo.FetchMinBytes(1<<20))
+		kgo.ConsumePartitions(map[string]map[int32]kgo.Offset{o.replies: at}), kgo.FetchMaxWait(fetchWait), kgo.FetchMinBytes(o.pace.replyMinBytes))
 	if err != nil {
 		return err
 	}
@@ -169,7 +191,7 @@ func run(o options) error {
 	offered := time.Since(g.start)
 	deadline := time.Now().Add(o.drainTimeout)
 	for g.waiting() && time.Now().Before(deadline) {
-		time.Sleep(tick)
+		time.Sleep(o.pace.tick)
 	}
 	answered := time.Since(g.start)
 	var after syscall.Rusage
@@ -220,7 +242,7 @@ func (g *generator) offer(rng *rand.Rand) int {
 			}
 		}
 		g.send(due, elapsed.Nanoseconds())
-		time.Sleep(tick)
+		time.Sleep(o.pace.tick)
 	}
 }
 
@@ -277,18 +299,20 @@ func (g *generator) produce(commands []command, first int) {
 			mac.Write(c.value)
 			headers = append(headers, kgo.RecordHeader{Key: "auth", Value: []byte(g.opts.keyID + "." + hex.EncodeToString(mac.Sum(nil)))})
 		}
-		g.producer.Produce(context.Background(), &kgo.Record{Topic: g.opts.commands, Key: g.wallets[c.wallet], Value: c.value, Headers: headers}, g.produced)
+		index := first + i
+		g.producer.Produce(context.Background(), &kgo.Record{Topic: g.opts.commands, Key: g.wallets[c.wallet], Value: c.value, Headers: headers},
+			func(_ *kgo.Record, err error) { g.produced(index, err) })
 	}
 }
 
-func (g *generator) produced(_ *kgo.Record, err error) {
-	if err != nil {
-		g.mu.Lock()
-		if g.failed == nil {
-			g.failed = err
-		}
-		g.mu.Unlock()
+func (g *generator) produced(index int, err error) {
+	now := time.Since(g.start).Nanoseconds()
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if err != nil && g.failed == nil {
+		g.failed = err
 	}
+	g.sends[index].acked = now
 }
 
 // waiting: some send is unanswered, or a reserve's reply may still send its capture or release.
@@ -334,6 +358,12 @@ func (g *generator) read(ctx context.Context, consumer *kgo.Client) error {
 			g.unanswered--
 			latency := max((now-sent.at)/1_000, 1)
 			g.latenciesUs = append(g.latenciesUs, latency)
+			if sent.acked > 0 { // where the time went; the reply's timestamp is when the worker produced it (ms)
+				produced := r.Timestamp.Sub(g.start).Nanoseconds()
+				g.stagesUs[0] = append(g.stagesUs[0], (sent.acked-sent.at)/1_000)
+				g.stagesUs[1] = append(g.stagesUs[1], (produced-sent.acked)/1_000)
+				g.stagesUs[2] = append(g.stagesUs[2], (now-produced)/1_000)
+			}
 			second := g.timeline[now/1_000_000_000]
 			g.timeline[now/1_000_000_000] = [2]int64{second[0] + 1, second[1] + latency}
 			g.statuses[status(r.Value)]++
@@ -413,15 +443,20 @@ func cpuSeconds(usage syscall.Rusage) float64 {
 	return float64(usage.Utime.Nano()+usage.Stime.Nano()) / 1e9
 }
 
-func (g *generator) report(count int, offered, answered time.Duration, cpu float64) map[string]any {
-	latencies := slices.Clone(g.latenciesUs)
-	slices.Sort(latencies)
-	quantile := func(q float64) float64 {
-		if len(latencies) == 0 {
-			return 0
+// quantiles of latencies in µs, in ms.
+func quantiles(latenciesUs []int64, qs map[string]float64) map[string]float64 {
+	sorted := slices.Clone(latenciesUs)
+	slices.Sort(sorted)
+	out := map[string]float64{}
+	for name, q := range qs {
+		if len(sorted) > 0 {
+			out[name] = float64(sorted[min(int(q*float64(len(sorted))), len(sorted)-1)]) / 1_000
 		}
-		return float64(latencies[min(int(q*float64(len(latencies))), len(latencies)-1)]) / 1_000
 	}
+	return out
+}
+
+func (g *generator) report(count int, offered, answered time.Duration, cpu float64) map[string]any {
 	seconds := make([]int64, 0, len(g.timeline))
 	for second := range g.timeline {
 		seconds = append(seconds, second)
@@ -438,7 +473,13 @@ func (g *generator) report(count int, offered, answered time.Duration, cpu float
 	}
 	return map[string]any{
 		"sent": count, "answered": len(g.latenciesUs), "offered_s": offered.Seconds(), "answered_s": answered.Seconds(),
-		"latency_ms": map[string]float64{"p50": quantile(0.50), "p99": quantile(0.99), "p999": quantile(0.999), "max": quantile(1)},
-		"timeline":   timeline, "sends_without_reply": g.unanswered, "cpu_s": cpu, "statuses": statuses,
+		"latency_ms": quantiles(g.latenciesUs, map[string]float64{"p50": 0.50, "p99": 0.99, "p999": 0.999, "max": 1}),
+		// The reply's timestamp has ms resolution, and the worker's clock is this machine's.
+		"stages_ms": map[string]any{
+			"command_acknowledged": quantiles(g.stagesUs[0], map[string]float64{"p50": 0.50, "p99": 0.99}),
+			"reply_produced":       quantiles(g.stagesUs[1], map[string]float64{"p50": 0.50, "p99": 0.99}),
+			"reply_read":           quantiles(g.stagesUs[2], map[string]float64{"p50": 0.50, "p99": 0.99}),
+		},
+		"timeline": timeline, "sends_without_reply": g.unanswered, "cpu_s": cpu, "statuses": statuses,
 	}
 }
