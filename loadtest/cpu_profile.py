@@ -40,9 +40,9 @@ def call_site(path: str, call: str) -> str:
 # (name, what a frame of the sampled stack contains: any of these). A frame reads
 # "Qualified.name (path/in/its/package.py:line)".
 CATEGORIES = (
-    ("parse commands (core `parse`, compiled or not; the adapter's `record_of`)",
-     ("parse (worker/core/parse.py", "record_of (worker/adapter/processor.py",
-      call_site("worker/adapter/processor.py", "batch.append(parse(record_of(raw)"))),
+    ("parse commands (core `parse`, compiled or not; the fetcher's `as_record`)",
+     ("parse (worker/core/parse.py", "as_record (worker/adapter/fetch_guard.py",
+      call_site("worker/adapter/processor.py", "batch.append(parse(record, forbidden, count))"))),
     ("decide (core `decide_batch`, compiled or not)",
      ("decide_batch (worker/core/decide.py", call_site("worker/decider.py", "self._decide_batch(state, records)"))),
     ("render replies and events (core `rendered`)",

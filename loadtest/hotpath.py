@@ -25,7 +25,7 @@ from aiokafka.structs import ConsumerRecord
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.adapter.processor import record_of  # noqa: E402
+from worker.adapter.fetch_guard import as_record  # noqa: E402
 from worker.core.model import PartitionState, Wallet  # noqa: E402
 from worker.core.native import COMPILED, COMPILED_COLUMNS, PYTHON, HotPath  # noqa: E402
 from worker.core.outgoing import rendered  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def steps(path: HotPath, fetched: list[ConsumerRecord], funded: dict[str, Wallet]) -> dict[str, float]:
     def parsing():
-        return [path.parse(record_of(raw), FORBIDDEN, 1) for raw in fetched]
+        return [path.parse(as_record(raw.partition, raw), FORBIDDEN, 1) for raw in fetched]
 
     parse_s, parsed = best(parsing)
 

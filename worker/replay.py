@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiokafka import ConsumerRecord
 
 from worker.adapter import fetch_guard
-from worker.adapter.processor import record_of
+from worker.adapter.fetch_guard import as_record
 from worker.adapter.streams import read_to_end, topic_partitions
 from worker.config import ENV_MASTER_SECRET, ENV_MASTER_SECRET_FILE, KafkaCredentials, Misconfigured, Topics
 from worker.core.auth import master_check
@@ -103,7 +103,7 @@ async def _run(store: Store, bootstrap: str, topics: Topics, partition_count: in
     async def apply(records: Sequence[ConsumerRecord]) -> None:
         nonlocal last
         partition = records[0].partition
-        batch = [parse(record_of(raw), forbidden, partition_count) for raw in records]
+        batch = [parse(as_record(raw.partition, raw), forbidden, partition_count) for raw in records]
         committed = await decider.apply_one(
             topics.commands, PartitionBatch(partition, seen.get(partition, 0), batch, states.get(partition)), _nothing)
         seen[partition], states[partition] = committed.next_offset, committed.state

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from itertools import chain
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from faststream import AckPolicy, FastStream
 from faststream.kafka import KafkaBroker
@@ -35,7 +35,7 @@ from worker.adapter.publisher import Publisher, spoiled
 from worker.adapter.topics import check_commands_topic
 from worker.config import KafkaCredentials, Settings
 from worker.core.auth import SWEEPER_KEY_ID, auth_header, derive_secret
-from worker.core.model import Hold
+from worker.core.model import Hold, Record
 from worker.core.native import MISSING, hot_path
 from worker.core.outgoing import encode
 from worker.store.keys import prepare_worker
@@ -125,15 +125,20 @@ def build_app(settings: Settings) -> FastStream:
         listener=Rebalance(processor, topics.commands),
         parser=_raw_records,
         decoder=_records,
+        value_deserializer=fetch_guard.hand_over_records,  # records handed over as the core's `Record`
         no_reply=True,  # replies follow the contract's headers, not FastStream's reply_to
         title=topics.commands,
         description="Commands for the ledger, keyed by wallet (see docs/contract.md).",
     )
 
     _fetch_without_idle_sleep(subscriber, settings.batch_records_max, settings.batch_wait_ms)
+    # FastStream names a fetch in its log lines by its first record's topic, which the core's
+    # `Record` does not carry (the fetcher hands those over: see fetch_guard): it is this one.
+    subscriber.get_log_context = lambda message: subscriber.build_log_context(
+        message=message, topic=topics.commands, group_id=settings.group_id)
 
     @subscriber
-    async def decide(records: tuple[ConsumerRecord, ...]) -> None:
+    async def decide(records: tuple[Record, ...]) -> None:
         try:
             await processor.handle(records)
         except BaseException:
@@ -329,6 +334,6 @@ async def _raw_records(records: tuple, original_parser: Any) -> KafkaMessageClas
     )
 
 
-async def _records(message: Any, original_decoder: Any) -> tuple[ConsumerRecord, ...]:
-    """The handler's argument: the records of the fetch, as aiokafka gave them."""
+async def _records(message: Any, original_decoder: Any) -> tuple[Record, ...]:
+    """The handler's argument: the records of the fetch, as the fetcher handed them over."""
     return message.raw_message

@@ -5,11 +5,17 @@ record (any client that writes raw bytes can send it) makes every fetch of its p
 for ever: a poison pill that no retry cures. The contract answers every record instead. So the
 fetcher's record sets are wrapped: a batch is read by aiokafka's fast reader as before, and only a
 batch that fails to decode is read again by its pure-Python reader with header names decoded
-leniently (undecodable bytes kept as surrogates, which `record_of` turns into U+FFFD). The
+leniently (undecodable bytes kept as surrogates, which `as_record` turns into U+FFFD). The
 contract ignores headers it does not know, so such a record is then decided like any other.
 
 Reached through aiokafka's fetcher module (its `MemoryRecords` name) because no consumer option
 governs header decoding; `install()` checks that the name is still there (aiokafka is pinned).
+
+The same place hands the worker's records over as the core's `Record` (`as_record`): aiokafka
+makes a `ConsumerRecord` of each fetched record, which the worker then made into a `Record`, two
+objects where one does. A consumer asks for it with `hand_over_records` as its value deserializer
+(an option FastStream's subscriber passes on); every other consumer gets aiokafka's records, and
+were the patch ever missing, the function only returns the value it is given.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from typing import Any
 import aiokafka.consumer.fetcher as fetcher
 from aiokafka.record.default_records import _DefaultRecordBatchPy
 from aiokafka.record.memory_records import MemoryRecords
+
+from worker.core.model import Record
 
 BATCH_FRAMING_BYTES = 12  # a record batch starts with its base offset (int64) and its length (int32)
 
@@ -89,6 +97,44 @@ def _leniently(data: bytes, base_offset: int) -> Iterator[Any]:
     raise AssertionError(f"batch at offset {base_offset} not found again in its own fetch")
 
 
+def hand_over_records(value: bytes | None) -> bytes | None:
+    """The value deserializer of a consumer whose fetcher hands over `Record`s (see the module)."""
+    return value
+
+
+def as_record(partition: int, record: Any) -> Record:
+    """A fetched record (aiokafka's, or anything with its attributes) as the core takes it: header
+    values that are not bytes (a null) read as empty, header names kept as surrogates by the
+    lenient reader made UTF-8 (U+FFFD)."""
+    headers = record.headers
+    for name, value in headers:
+        if value.__class__ is not bytes or not name.isascii():  # rare: normalized once, here
+            headers = [(name if name.isascii() else _utf8(name), value if isinstance(value, bytes) else b"")
+                       for name, value in headers]  # fmt: skip
+            break
+    return Record(partition, record.offset, record.timestamp, record.key, record.value, tuple(headers))
+
+
+def _utf8(name: str) -> str:
+    try:
+        name.encode()
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return name
+
+
+_aiokafka_consumer_record = fetcher.PartitionRecords._consumer_record
+
+
+def _consumer_record(self: Any, tp: Any, record: Any) -> Any:
+    if self._value_deserializer is hand_over_records:
+        return as_record(tp.partition, record)
+    return _aiokafka_consumer_record(self, tp, record)
+
+
 def install() -> None:
     assert fetcher.MemoryRecords in (MemoryRecords, _GuardedRecords), "aiokafka's fetcher changed: review fetch_guard"
     fetcher.MemoryRecords = _GuardedRecords
+    assert fetcher.PartitionRecords._consumer_record in (_aiokafka_consumer_record, _consumer_record), \
+        "aiokafka's fetcher changed: review fetch_guard"
+    fetcher.PartitionRecords._consumer_record = _consumer_record

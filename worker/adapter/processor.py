@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import IllegalStateError, KafkaError
 
 from worker import failpoints
@@ -241,18 +241,19 @@ class Processor:
         """The partitions the sweeper watches: none while the database is away."""
         return [] if self._database_away_since_s is not None else self.owned()
 
-    async def handle(self, records: Sequence[ConsumerRecord]) -> None:
+    async def handle(self, records: Sequence[Record]) -> None:
+        """A fetch's records, as the consumer hands them over (`fetch_guard.as_record`)."""
         if not records or self.stopping:
             return  # stopping: what is not decided now is decided by the partitions' next owner
-        self._clock.observe(max(raw.timestamp for raw in records))
+        self._clock.observe(max(record.timestamp_ms for record in records))
         metrics.RECORDS_FETCHED.inc(len(records))
         forbidden, count, parse = self._forbidden_reply_topics, self.partition_count, self.hot.parse
         by_partition: dict[int, list[Parsed]] = {}
-        for raw in records:
-            batch = by_partition.get(raw.partition)
+        for record in records:
+            batch = by_partition.get(record.partition)
             if batch is None:
-                batch = by_partition[raw.partition] = []
-            batch.append(parse(record_of(raw), forbidden, count))
+                batch = by_partition[record.partition] = []
+            batch.append(parse(record, forbidden, count))
         async with self.busy:
             if self.stopping:
                 return
@@ -595,23 +596,3 @@ def _count(decisions) -> None:
     """Decisions by op and status: counted first, so that a batch touches each label once."""
     for (op, status), count in Counter((d.reply["op"], d.reply["status"]) for d in decisions).items():
         metrics.DECISIONS.labels(str(op), str(status)).inc(count)
-
-
-def record_of(raw: ConsumerRecord) -> Record:
-    headers = raw.headers or ()
-    for name, value in headers:
-        if value.__class__ is not bytes or not name.isascii():  # rare: normalized once, here
-            headers = tuple((name if name.isascii() else _utf8(name), value if isinstance(value, bytes) else b"")
-                            for name, value in headers)  # fmt: skip
-            break
-    return Record(raw.partition, raw.offset, raw.timestamp, raw.key, raw.value, tuple(headers))
-
-
-def _utf8(name: str) -> str:
-    """A header name as text that can be stored and sent again: bytes that were not UTF-8 (kept
-    as surrogates by `fetch_guard`) become U+FFFD."""
-    try:
-        name.encode()
-    except UnicodeEncodeError:
-        return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-    return name
