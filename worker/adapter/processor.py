@@ -65,7 +65,7 @@ class Partition:
     rewound_to: int | None = None  # the offset it was last sought back to (see `_skipped_ahead`)
     acknowledged: list[int] = field(default_factory=list)  # outbox rows the broker has, to delete
     committing: asyncio.Task[None] | None = None  # its last decided batch, being stored
-    publishing: asyncio.Task[None] | None = None  # its last committed batch, on its way to the broker
+    publishing: asyncio.Task[None] | None = None  # its last committed batch on its way (one publish per transaction)
     # What its batches decided so far (wallets, holds): the next batch starts from it, whether or
     # not the last one is committed yet. Dropped after anything that may have left it ahead of
     # the database (a failed or fenced commit): the next batch reads what it needs again.
@@ -185,7 +185,7 @@ class Processor:
         chosen = [self._partitions[n] for n in (self._partitions if numbers is None else numbers)
                   if n in self._partitions]  # fmt: skip
         await asyncio.gather(*{p.committing for p in chosen if p.committing is not None}, return_exceptions=True)
-        await asyncio.gather(*(p.publishing for p in chosen if p.publishing is not None), return_exceptions=True)
+        await asyncio.gather(*{p.publishing for p in chosen if p.publishing is not None}, return_exceptions=True)
         for partition in chosen:
             partition.publishing = None
             await self._tidy(partition)
@@ -399,10 +399,8 @@ class Processor:
                         _count(committed.decisions)
                 if any(isinstance(committed, Committed) and committed.outbox for committed in outcome.values()):
                     failpoints.hit("after_commit")  # a transaction stored records to publish
-                for partition in owned:
-                    committed = outcome.get(partition.number)
-                    if isinstance(committed, Committed):
-                        await self._publish_after(partition, committed.outbox)
+                await self._publish_after([(partition, committed.outbox) for partition in owned
+                                           if isinstance(committed := outcome.get(partition.number), Committed)])  # fmt: skip
                 return
             for partition in partitions:  # out of retries: the probe resumes them from the database
                 if self._partitions.get(partition.number) is partition:
@@ -435,12 +433,17 @@ class Processor:
         if consumer is not None:
             self._seek(consumer, partition, partition.next_offset)
 
-    async def _publish_after(self, partition: Partition, outbox: Outbox | None) -> None:
+    async def _publish_after(self, committed: list[tuple[Partition, Outbox | None]]) -> None:
         """Publishing overlaps the next batch's transaction: at most one batch of a partition is in
-        flight to the broker, so replies keep their partition's order batch by batch."""
-        if partition.publishing is not None:
-            await asyncio.wait({partition.publishing})  # its failure is its own: the outbox keeps the rows
-        partition.publishing = asyncio.create_task(self._publish(partition, outbox))
+        flight to the broker, so replies keep their partition's order batch by batch. What one
+        transaction committed goes out as one publish, whatever the number of its partitions."""
+        previous = {partition.publishing for partition, _ in committed if partition.publishing is not None}
+        if previous:
+            await asyncio.wait(previous)  # a failure is its own: the outbox keeps the rows
+        sent = [(partition, outbox) for partition, outbox in committed if outbox is not None]
+        task = asyncio.create_task(self._publish(sent)) if sent else None
+        for partition, _ in committed:
+            partition.publishing = task
 
     def _skipped_ahead(self, partition: Partition, batch: list[Parsed]) -> bool:
         """True when the batch starts past the stored position: some records were never decided.
@@ -460,24 +463,26 @@ class Processor:
             consumer.seek(TopicPartition(self._topics.commands, partition.number), seen)
         return True
 
-    async def _publish(self, partition: Partition, outbox: Outbox | None) -> None:
-        """After the commit. A failure loses nothing: the row stays in the outbox until published.
-        A published row is deleted by the partition's next batch transaction, or by `tend` within a
+    async def _publish(self, sent: list[tuple[Partition, Outbox]]) -> None:
+        """After the commit. A failure loses nothing: the rows stay in the outbox until published.
+        A published row is deleted by its partition's next batch transaction, or by `tend` within a
         second when none comes: never by a statement of its own per batch."""
-        if outbox is None:
-            return
-        count = len(outbox.records)
+        records = [record for _, outbox in sent for record in outbox.records]
+        count = len(records)
         metrics.OUTBOX_BACKLOG.inc(count)
         try:
             began_s = time.monotonic()
-            await self._publisher.publish(outbox.records)
+            await self._publisher.publish(records)
             metrics.PUBLISH_SECONDS.observe(time.monotonic() - began_s)
-            # Until deleted, a crash only means the row is published again (at least once).
-            partition.acknowledged.append(outbox.position)
+            # Until deleted, a crash only means the rows are published again (at least once).
+            for partition, outbox in sent:
+                partition.acknowledged.append(outbox.position)
         except Exception as error:  # whatever it was, the rows stay in the outbox and go again
             level = logging.WARNING if isinstance(error, INFRA_ERRORS) else logging.ERROR
-            log.log(level, "partition %d: publishing %d records failed (%r)", partition.number, count, error)
-            partition.phase = Phase.CLAIMED  # its outbox is published again before its next batch
+            log.log(level, "partitions %s: publishing %d records failed (%r)", sorted(p.number for p, _ in sent),
+                    count, error)  # fmt: skip
+            for partition, _ in sent:
+                partition.phase = Phase.CLAIMED  # its outbox is published again before its next batch
         finally:
             metrics.OUTBOX_BACKLOG.dec(count)
 
