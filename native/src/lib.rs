@@ -1,5 +1,5 @@
 //! floorguard's hot path, compiled: `parse`'s common case and `decide_batch`'s common records, over
-//! the Python core's own types and state. `worker/core/native.py` builds the one `Core` and says
+//! the Python core's own types and state; and the Kafka record batches a publish sends (`produce`). `worker/core/native.py` builds the one `Core` and says
 //! when it is used; the Python core stays the definition, and decides whatever is not common.
 
 use pyo3::prelude::*;
@@ -8,6 +8,7 @@ use pyo3::types::{PyDict, PyString};
 mod decide;
 mod json;
 mod parse;
+mod produce;
 mod rows;
 mod time;
 
@@ -220,5 +221,7 @@ impl Core {
 #[pymodule]
 fn floorguard_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Core>()?;
+    module.add_function(wrap_pyfunction!(produce::record_batch, module)?)?;
+    module.add_function(wrap_pyfunction!(produce::finish, module)?)?;
     Ok(())
 }

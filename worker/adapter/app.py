@@ -83,7 +83,8 @@ def build_app(settings: Settings) -> FastStream:
         return subscriber.consumer if subscriber is not None else None
 
     renew_producer = _renewer(broker)
-    publisher = Publisher(lambda: _producer(broker), topics.dlq, renew_producer)
+    publisher = Publisher(lambda: _producer(broker), topics.dlq, renew_producer,
+                          batch_bytes_max=PRODUCE_BATCH_BYTES_MAX if settings.compiled else None)
     clock = BrokerClock()
     processor = Processor(lambda: runtime["store"], publisher, topics, consumer, clock, settings.look_up_all_records,
                           hot_path(settings.compiled))

@@ -4,7 +4,9 @@ FastStream's `publish` takes a body to encode and headers as text (and costs abo
 by issue 10's figures); the outbox holds finished records (exact bytes, binary headers of a dead
 letter), so they go through the aiokafka producer that FastStream's broker owns and has already
 connected, a produce batch per topic partition (`create_batch`/`send_batch`) rather than a `send`
-per record.
+per record. With native/ installed, each batch's bytes are written in one call (`record_batch`)
+instead of an `append` per record, and handed to the producer behind aiokafka's batch builder's
+interface (`_WrittenBatch`), which sets the producer's id, epoch and sequence before it sends.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ from aiokafka.errors import (
 
 from worker.core.outgoing import Outgoing
 from worker.core.placement import partition_of
+
+try:
+    from floorguard_native import finish as finish_batch, record_batch
+except ImportError:  # a worker installed without native/ (or an older build of it): a record at a time
+    finish_batch = record_batch = None
 
 SEND_TIMEOUT_S = 30
 TOPIC_CACHE_TTL_S = 30.0  # how long a topic's partitions are taken as known
@@ -75,10 +82,50 @@ def spoiled(producer: AIOKafkaProducer, error: BaseException) -> bool:
     return isinstance(error, _SPOILING) or (task is not None and task.done())
 
 
+class _WrittenBatch:
+    """aiokafka's `BatchBuilder`, as its producer uses one, over a batch written whole by
+    native/'s `record_batch`: closed, its records counted, its bytes finished (the producer's
+    fields and the CRC) when the producer sets them, or with aiokafka's defaults when it does not."""
+
+    __slots__ = ("_data", "_count", "_finished")
+
+    def __init__(self, data: bytearray, count: int) -> None:
+        self._data = data
+        self._count = count
+        self._finished = False
+
+    def append(self, *, timestamp: int | None, key: bytes | None, value: bytes | None, headers: Sequence = ()) -> None:
+        return None  # full: written whole
+
+    def close(self) -> None:
+        pass
+
+    def closed(self) -> bool:
+        return True
+
+    def record_count(self) -> int:
+        return self._count
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def _set_producer_state(self, producer_id: int, producer_epoch: int, base_sequence: int) -> None:
+        finish_batch(self._data, producer_id, producer_epoch, base_sequence)
+        self._finished = True
+
+    def _build(self) -> bytearray:
+        if not self._finished:
+            self._set_producer_state(-1, -1, 0)  # a producer without idempotence: aiokafka's defaults
+        return self._data
+
+
 class Publisher:
     def __init__(self, producer: Callable[[], AIOKafkaProducer], dlq_topic: str,
-                 renew: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None) -> None:  # fmt: skip
+                 renew: Callable[[AIOKafkaProducer], Awaitable[None]] | None = None, *,
+                 batch_bytes_max: int | None = None) -> None:  # fmt: skip
+        """`batch_bytes_max`: the producer's batch size, when native/ is to write the batches."""
         self._producer_of = producer  # the broker's producer exists only once the broker runs
+        self._batch_bytes_max = batch_bytes_max if record_batch is not None else None
         self._dlq_topic = dlq_topic
         self._renew = renew  # puts a new producer in the place of a `spoiled` one
         self._topics: dict[str, tuple[float, set[int]]] = {}  # topic -> (checked at, partitions)
@@ -117,6 +164,16 @@ class Publisher:
             partition = record.partition if record.partition is not None else self._place(record.key, count)
             batches.setdefault((record.topic, partition), []).append(record)
         futures = []
+        if self._batch_bytes_max is not None:
+            now_ms = int(time.time() * 1000)
+            for (topic, partition), batch in batches.items():
+                start = 0
+                while start < len(batch):
+                    data, end = record_batch(batch, start, now_ms, self._batch_bytes_max)
+                    futures.append(await producer.send_batch(_WrittenBatch(data, end - start), topic, partition=partition))
+                    start = end
+            await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
+            return
         for (topic, partition), batch in batches.items():
             builder = producer.create_batch()
             for record in batch:
