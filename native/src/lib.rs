@@ -1,11 +1,13 @@
 //! floorguard's hot path, compiled: `parse`'s common case and `decide_batch`'s common records, over
-//! the Python core's own types and state; and the Kafka record batches a publish sends (`produce`). `worker/core/native.py` builds the one `Core` and says
+//! the Python core's own types and state; and the Kafka record batches the worker reads (`fetch`)
+//! and those a publish sends (`produce`). `worker/core/native.py` builds the one `Core` and says
 //! when it is used; the Python core stays the definition, and decides whatever is not common.
 
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
 mod decide;
+mod fetch;
 mod json;
 mod parse;
 mod produce;
@@ -221,6 +223,7 @@ impl Core {
 #[pymodule]
 fn floorguard_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Core>()?;
+    module.add_function(wrap_pyfunction!(fetch::read_records, module)?)?;
     module.add_function(wrap_pyfunction!(produce::record_batch, module)?)?;
     module.add_function(wrap_pyfunction!(produce::finish, module)?)?;
     Ok(())

@@ -15,7 +15,10 @@ The same place hands the worker's records over as the core's `Record` (`as_recor
 makes a `ConsumerRecord` of each fetched record, which the worker then made into a `Record`, two
 objects where one does. A consumer asks for it with `hand_over_records` as its value deserializer
 (an option FastStream's subscriber passes on); every other consumer gets aiokafka's records, and
-were the patch ever missing, the function only returns the value it is given.
+were the patch ever missing, the function only returns the value it is given. With native/
+installed, such a consumer's fetched bytes are read into `Record`s in one call (`read_records`)
+when they hold only the common case (uncompressed, not transactional, no control batch, a valid
+CRC, UTF-8 header names); any other fetch is read by aiokafka's reader as before.
 """
 
 from __future__ import annotations
@@ -29,6 +32,11 @@ from aiokafka.record.default_records import _DefaultRecordBatchPy
 from aiokafka.record.memory_records import MemoryRecords
 
 from worker.core.model import Record
+
+try:
+    from floorguard_native import read_records
+except ImportError:  # a worker installed without native/ (or an older build of it): aiokafka's reader
+    read_records = None
 
 BATCH_FRAMING_BYTES = 12  # a record batch starts with its base offset (int64) and its length (int32)
 
@@ -132,9 +140,31 @@ def _consumer_record(self: Any, tp: Any, record: Any) -> Any:
     return _aiokafka_consumer_record(self, tp, record)
 
 
+_aiokafka_unpack_records = fetcher.PartitionRecords._unpack_records
+
+
+def _unpack_records(self: Any) -> Iterator[Any]:
+    """`PartitionRecords`' generator of a fetched partition's records; for a consumer that asks
+    for `Record`s, the common case read by native/ in one call (see the module)."""
+    records = self._records
+    if self._value_deserializer is hand_over_records and read_records is not None and records.__class__ is _GuardedRecords:
+        read = read_records(records._data, self._tp.partition, self.next_fetch_offset, self._check_crcs, Record)
+        if read is not None:
+            fetched, next_offset = read
+            for record in fetched:
+                self.next_fetch_offset = record.offset + 1  # where the consumer resumes if it stops here
+                yield record
+            self.next_fetch_offset = next_offset
+            return
+    yield from _aiokafka_unpack_records(self)
+
+
 def install() -> None:
     assert fetcher.MemoryRecords in (MemoryRecords, _GuardedRecords), "aiokafka's fetcher changed: review fetch_guard"
     fetcher.MemoryRecords = _GuardedRecords
     assert fetcher.PartitionRecords._consumer_record in (_aiokafka_consumer_record, _consumer_record), \
         "aiokafka's fetcher changed: review fetch_guard"
     fetcher.PartitionRecords._consumer_record = _consumer_record
+    assert fetcher.PartitionRecords._unpack_records in (_aiokafka_unpack_records, _unpack_records), \
+        "aiokafka's fetcher changed: review fetch_guard"
+    fetcher.PartitionRecords._unpack_records = _unpack_records
