@@ -7,10 +7,8 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use crate::produce::crc32c;
+use crate::produce::{crc32c, HEADER_BYTES, MAGIC};
 
-const HEADER_BYTES: usize = 61;
-const MAGIC: u8 = 2;
 const COMPRESSION_MASK: i16 = 0x07;
 const LOG_APPEND_TIME: i16 = 0x08;
 const TRANSACTIONAL: i16 = 0x10;

@@ -10,7 +10,7 @@ use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 // The batch header (KIP-98): base offset i64, length i32, partition leader epoch i32, magic i8,
 // CRC u32, attributes i16, last offset delta i32, first and max timestamps i64, producer id i64,
 // producer epoch i16, base sequence i32, record count i32.
-const HEADER_BYTES: usize = 61;
+pub const HEADER_BYTES: usize = 61;
 const LENGTH_AT: usize = 8;
 const MAGIC_AT: usize = 16;
 const CRC_AT: usize = 17;
@@ -22,7 +22,7 @@ const PRODUCER_ID_AT: usize = 43;
 const PRODUCER_EPOCH_AT: usize = 51;
 const BASE_SEQUENCE_AT: usize = 53;
 const COUNT_AT: usize = 57;
-const MAGIC: u8 = 2;
+pub const MAGIC: u8 = 2;
 const NO_PARTITION_LEADER_EPOCH: i32 = -1;
 
 fn varint(value: i64, out: &mut Vec<u8>) {
@@ -171,7 +171,7 @@ static CRC_TABLE: [u32; 256] = crc_table();
 pub fn crc32c(data: &[u8]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("sse4.2") {
+        if is_x86_feature_detected!("sse4.2") {
             // SAFETY: the instruction set was detected just now.
             return unsafe { crc32c_sse42(data) };
         }
