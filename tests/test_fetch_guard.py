@@ -126,3 +126,24 @@ def test_a_fetch_with_a_bad_crc_is_refused_as_aiokafka_refuses_it() -> None:
     data[-1] ^= 0xFF
     with pytest.raises(CorruptRecordException):
         read_all(bytes(data), FIRST_OFFSET, fetch_guard.hand_over_records)
+
+
+def test_without_the_compiled_reader_the_hand_over_is_the_same() -> None:
+    # FLOORGUARD_COMPILED=0: every fetch read by aiokafka's reader, each record made by as_record.
+    fetch_guard.install(compiled=False)
+    try:
+        assert fetch_guard._read_compiled is None
+        for seed in range(10):
+            data, fetch_offset = random_fetch(random.Random(seed))
+            theirs, their_next = read_all_installed(data, fetch_offset, None)
+            ours, our_next = read_all_installed(data, fetch_offset, fetch_guard.hand_over_records)
+            assert (ours, our_next) == ([fetch_guard.as_record(r.partition, r) for r in theirs], their_next)
+    finally:
+        fetch_guard.install()
+    assert fetch_guard._read_compiled is fetch_guard.read_records is not None
+
+
+def read_all_installed(data: bytes, fetch_offset: int, value_deserializer) -> tuple[list, int]:
+    records = fetch_guard._GuardedRecords(data)
+    partition_records = PartitionRecords(TP, records, [], fetch_offset, None, value_deserializer, True, READ_COMMITTED)
+    return list(partition_records), partition_records.next_fetch_offset

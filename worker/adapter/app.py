@@ -55,7 +55,7 @@ log = logging.getLogger("floorguard.worker")
 
 
 def build_app(settings: Settings) -> FastStream:
-    fetch_guard.install()  # a header name that is not UTF-8 must not stop a partition
+    fetch_guard.install(settings.compiled)  # a header name that is not UTF-8 must not stop a partition
     topics = settings.topics
     broker = KafkaBroker(
         settings.kafka_bootstrap,

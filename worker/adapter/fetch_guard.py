@@ -37,6 +37,7 @@ try:
     from floorguard_native import read_records
 except ImportError:  # a worker installed without native/ (or an older build of it): aiokafka's reader
     read_records = None
+_read_compiled = read_records  # see install()
 
 BATCH_FRAMING_BYTES = 12  # a record batch starts with its base offset (int64) and its length (int32)
 
@@ -146,9 +147,10 @@ _aiokafka_unpack_records = fetcher.PartitionRecords._unpack_records
 def _unpack_records(self: Any) -> Iterator[Any]:
     """`PartitionRecords`' generator of a fetched partition's records; for a consumer that asks
     for `Record`s, the common case read by native/ in one call (see the module)."""
-    records = self._records
-    if self._value_deserializer is hand_over_records and read_records is not None and records.__class__ is _GuardedRecords:
-        read = read_records(records._data, self._tp.partition, self.next_fetch_offset, self._check_crcs, Record)
+    records, read_compiled = self._records, _read_compiled
+    handed_over = self._value_deserializer is hand_over_records and records.__class__ is _GuardedRecords
+    if handed_over and read_compiled is not None:
+        read = read_compiled(records._data, self._tp.partition, self.next_fetch_offset, self._check_crcs, Record)
         if read is not None:
             fetched, next_offset = read
             for record in fetched:
@@ -159,7 +161,11 @@ def _unpack_records(self: Any) -> Iterator[Any]:
     yield from _aiokafka_unpack_records(self)
 
 
-def install() -> None:
+def install(compiled: bool = True) -> None:
+    """Patches aiokafka's fetcher, once per process; `compiled=False` (`FLOORGUARD_COMPILED=0`)
+    leaves every fetch to aiokafka's reader."""
+    global _read_compiled
+    _read_compiled = read_records if compiled else None
     assert fetcher.MemoryRecords in (MemoryRecords, _GuardedRecords), "aiokafka's fetcher changed: review fetch_guard"
     fetcher.MemoryRecords = _GuardedRecords
     assert fetcher.PartitionRecords._consumer_record in (_aiokafka_consumer_record, _consumer_record), \

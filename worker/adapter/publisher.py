@@ -170,7 +170,8 @@ class Publisher:
                 start = 0
                 while start < len(batch):
                     data, end = record_batch(batch, start, now_ms, self._batch_bytes_max)
-                    futures.append(await producer.send_batch(_WrittenBatch(data, end - start), topic, partition=partition))
+                    written = _WrittenBatch(data, end - start)
+                    futures.append(await producer.send_batch(written, topic, partition=partition))
                     start = end
             await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
             return
