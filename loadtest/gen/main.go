@@ -50,6 +50,7 @@ type pace struct {
 	tick          time.Duration // the offer's schedule: each tick sends the commands whose time has come
 	linger        time.Duration // what the producer gathers into one request
 	replyMinBytes int32         // what a reply fetch waits for (up to fetchWait) before it returns
+	stages        bool          // time each command's acknowledgement (a callback and a lock per record)
 }
 
 var (
@@ -58,7 +59,7 @@ var (
 	batched = pace{tick: 5 * time.Millisecond, linger: 5 * time.Millisecond, replyMinBytes: 1 << 20}
 	// Eager: each command leaves when its time comes and each reply is read as it lands, as an
 	// agent sends and waits for one (a latency run); several times the CPU per command at low rates.
-	eager = pace{tick: time.Millisecond, linger: 0, replyMinBytes: 1}
+	eager = pace{tick: time.Millisecond, linger: 0, replyMinBytes: 1, stages: true}
 )
 
 type options struct {
@@ -99,6 +100,7 @@ type generator struct {
 	sends      []send
 	unanswered int
 	failed     error // the first record the broker refused
+	onRefused  func(*kgo.Record, error)
 
 	// Owned by the reader.
 	latenciesUs []int64
@@ -179,6 +181,7 @@ func run(o options) error {
 
 	g := &generator{opts: o, producer: producer, replyTo: []byte(o.replies), timeline: map[int64][2]int64{}, statuses: map[int]int{},
 		closeRng: rand.New(rand.NewSource(o.seed + 1))}
+	g.onRefused = g.refused
 	for i := 0; i < o.wallets; i++ {
 		g.wallets = append(g.wallets, []byte("w"+strconv.Itoa(i)))
 	}
@@ -299,9 +302,24 @@ func (g *generator) produce(commands []command, first int) {
 			mac.Write(c.value)
 			headers = append(headers, kgo.RecordHeader{Key: "auth", Value: []byte(g.opts.keyID + "." + hex.EncodeToString(mac.Sum(nil)))})
 		}
+		record := &kgo.Record{Topic: g.opts.commands, Key: g.wallets[c.wallet], Value: c.value, Headers: headers}
+		if !g.opts.pace.stages {
+			g.producer.Produce(context.Background(), record, g.onRefused)
+			continue
+		}
 		index := first + i
-		g.producer.Produce(context.Background(), &kgo.Record{Topic: g.opts.commands, Key: g.wallets[c.wallet], Value: c.value, Headers: headers},
-			func(_ *kgo.Record, err error) { g.produced(index, err) })
+		g.producer.Produce(context.Background(), record, func(_ *kgo.Record, err error) { g.produced(index, err) })
+	}
+}
+
+// refused keeps the first record the broker refused (a batched offer times no stages).
+func (g *generator) refused(_ *kgo.Record, err error) {
+	if err != nil {
+		g.mu.Lock()
+		if g.failed == nil {
+			g.failed = err
+		}
+		g.mu.Unlock()
 	}
 }
 
