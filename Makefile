@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-tools lint bench chaos stack-up stack-down clean
+.PHONY: run test test-tools test-native lint bench chaos stack-up stack-down clean
 
 NATIVE := $(VENV)/.native
 # cargo from a rustup install is found in ~/.cargo/bin even when that is not on PATH.
@@ -25,12 +25,19 @@ $(NATIVE): native/Cargo.toml native/Cargo.lock native/pyproject.toml $(wildcard 
 	@command -v cargo >/dev/null || [ "$$(id -u)" != 0 ] || \
 		{ apt-get update >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y cargo >/dev/null; }
 	@command -v cargo >/dev/null || { echo "native/ needs a Rust toolchain: the Debian package cargo, or rustup"; exit 1; }
-	@# Crates come over the registry's sparse protocol: cargo before 1.68 (Debian 12's is 1.65) knows
-	@# it only as an unstable option, which this switches on for cargo alone.
-	minor=$$(cargo -V | sed -E 's/^cargo 1\.([0-9]+).*/\1/'); \
-	if [ "$$minor" -lt 68 ]; then export __CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS=nightly CARGO_UNSTABLE_SPARSE_REGISTRY=true; fi; \
-	CARGO_REGISTRIES_CRATES_IO_PROTOCOL=sparse $(BIN)/pip install --quiet ./native
+	@# Crates come over the registry's sparse protocol, switched on for cargo alone (SPARSE_CRATES:
+	@# Debian 12's cargo is 1.65).
+	$(SPARSE_CRATES); $(BIN)/pip install --quiet ./native
 	touch $(NATIVE)
+
+# cargo before 1.68 knows the registry's sparse protocol only as an unstable option.
+SPARSE_CRATES = minor=$$(cargo -V | sed -E 's/^cargo 1\.([0-9]+).*/\1/'); \
+	if [ "$$minor" -lt 68 ]; then export __CARGO_TEST_CHANNEL_OVERRIDE_DO_NOT_USE_THIS=nightly CARGO_UNSTABLE_SPARSE_REGISTRY=true; fi; \
+	export CARGO_REGISTRIES_CRATES_IO_PROTOCOL=sparse
+
+# native/'s own tests, by cargo (the CRC's two ways: the processor's instruction and the table).
+test-native: $(NATIVE)
+	cd native && $(SPARSE_CRATES); cargo test --release --quiet
 
 ## run: start the local Kafka and PostgreSQL (installing what is missing), migrate, create the
 ## topics, and run the worker in the foreground. Ctrl-C stops the worker.
@@ -39,7 +46,7 @@ run: $(STAMP)
 
 ## test: the whole suite against a real Kafka and a real PostgreSQL (started if not named by
 ## FLOORGUARD_KAFKA_BOOTSTRAP and FLOORGUARD_DATABASE_URL).
-test: $(STAMP) lint test-tools
+test: $(STAMP) lint test-tools test-native
 	$(BIN)/python -m pytest
 
 # The clock-skew test runs a worker under faketime (Debian package faketime).
