@@ -7,12 +7,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 
-use crate::produce::{crc32c, HEADER_BYTES, MAGIC};
-
-const COMPRESSION_MASK: i16 = 0x07;
-const LOG_APPEND_TIME: i16 = 0x08;
-const TRANSACTIONAL: i16 = 0x10;
-const CONTROL: i16 = 0x20;
+use crate::batch::*;
 
 struct Reader<'a> {
     data: &'a [u8],
@@ -57,10 +52,10 @@ fn be_i32(data: &[u8], at: usize) -> i32 {
     i32::from_be_bytes([data[at], data[at + 1], data[at + 2], data[at + 3]])
 }
 
-/// The records of `data` at or past `fetch_offset` (and past the batches before them), as `record_class(partition, offset,
-/// timestamp_ms, key, value, headers)`, and the offset after the last whole batch; `None` when the
-/// fetch holds anything but the common case (see the module). A batch cut short at the end of the
-/// fetch is left for the next fetch, as aiokafka leaves it.
+/// The records of `data` at or past `fetch_offset` (and past the batches before them), as
+/// `record_class(partition, offset, timestamp_ms, key, value, headers)`, and the offset after the
+/// last whole batch; `None` when the fetch holds anything but the common case (see the module). A
+/// batch cut short at the end of the fetch is left for the next fetch, as aiokafka leaves it.
 #[pyfunction]
 pub fn read_records<'py>(
     py: Python<'py>,
@@ -75,27 +70,27 @@ pub fn read_records<'py>(
     let mut next_offset = None;
     let mut position = fetch_offset; // as aiokafka's: past each batch, the batch's next offset
     while at + HEADER_BYTES <= data.len() {
-        let length = be_i32(data, at + 8);
-        if length < (HEADER_BYTES - 12) as i32 {
+        let length = be_i32(data, at + LENGTH_AT);
+        if length < (HEADER_BYTES - LENGTH_AT - 4) as i32 {
             return Ok(None);
         }
-        let end = at + 12 + length as usize;
+        let end = at + LENGTH_AT + 4 + length as usize;
         if end > data.len() {
             break;
         }
         let batch = &data[at..end];
-        let attributes = i16::from_be_bytes([batch[21], batch[22]]);
-        if batch[16] != MAGIC || attributes & (COMPRESSION_MASK | TRANSACTIONAL | CONTROL) != 0 {
+        let attributes = i16::from_be_bytes([batch[ATTRIBUTES_AT], batch[ATTRIBUTES_AT + 1]]);
+        if batch[MAGIC_AT] != MAGIC || attributes & (COMPRESSION_MASK | TRANSACTIONAL | CONTROL) != 0 {
             return Ok(None);
         }
-        if check_crcs && crc32c(&batch[21..]) != u32::from_be_bytes([batch[17], batch[18], batch[19], batch[20]]) {
+        if check_crcs && crc32c(&batch[ATTRIBUTES_AT..]) != be_i32(batch, CRC_AT) as u32 {
             return Ok(None);
         }
         let base_offset = be_i64(batch, 0);
-        let last_offset_delta = be_i32(batch, 23) as i64;
-        let first_timestamp = be_i64(batch, 27);
-        let max_timestamp = be_i64(batch, 35);
-        let count = be_i32(batch, 57);
+        let last_offset_delta = be_i32(batch, LAST_OFFSET_DELTA_AT) as i64;
+        let first_timestamp = be_i64(batch, FIRST_TIMESTAMP_AT);
+        let max_timestamp = be_i64(batch, MAX_TIMESTAMP_AT);
+        let count = be_i32(batch, COUNT_AT);
         let mut reader = Reader { data: batch, at: HEADER_BYTES };
         for _ in 0..count {
             match read_one(py, &mut reader, base_offset, first_timestamp, max_timestamp, attributes, partition, position, record_class)? {
@@ -138,8 +133,11 @@ fn read_one<'py>(
         };
     }
     let length = or_unusual!(reader.varint());
+    if length < 0 {
+        return Ok(Read::Unusual);
+    }
     let end = or_unusual!(reader.at.checked_add(length as usize));
-    if length < 0 || end > reader.data.len() {
+    if end > reader.data.len() {
         return Ok(Read::Unusual);
     }
     reader.at += 1; // the record's attributes (unused)
@@ -158,23 +156,26 @@ fn read_one<'py>(
             Ok(name) => name,
             Err(_) => return Ok(Read::Unusual), // read leniently by fetch_guard, as before
         };
-        let header_value = or_unusual!(reader.bytes()).unwrap_or(b""); // a null value reads as empty
-        headers.push(PyTuple::new(py, [PyString::new(py, name).into_any(), PyBytes::new(py, header_value).into_any()])?);
+        headers.push((name, or_unusual!(reader.bytes()).unwrap_or(b""))); // a null value reads as empty
     }
     if reader.at != end {
         return Ok(Read::Unusual);
     }
     if offset < fetch_offset {
-        return Ok(Read::Before);
+        return Ok(Read::Before); // read through (a malformed record is unusual wherever it is), not made
     }
     let timestamp = if attributes & LOG_APPEND_TIME != 0 { max_timestamp } else { first_timestamp + timestamp_delta };
+    let mut pairs = Vec::with_capacity(headers.len());
+    for (name, header_value) in headers {
+        pairs.push(PyTuple::new(py, [PyString::new(py, name).into_any(), PyBytes::new(py, header_value).into_any()])?);
+    }
     let record = record_class.call1((
         partition,
         offset,
         timestamp,
         key.map(|key| PyBytes::new(py, key)),
         value.map(|value| PyBytes::new(py, value)),
-        PyTuple::new(py, headers)?,
+        PyTuple::new(py, pairs)?,
     ))?;
     Ok(Read::Record(record))
 }

@@ -6,6 +6,7 @@
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString};
 
+mod batch;
 mod decide;
 mod fetch;
 mod json;

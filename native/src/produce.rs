@@ -7,23 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyList, PyString, PyTuple};
 
-// The batch header (KIP-98): base offset i64, length i32, partition leader epoch i32, magic i8,
-// CRC u32, attributes i16, last offset delta i32, first and max timestamps i64, producer id i64,
-// producer epoch i16, base sequence i32, record count i32.
-pub const HEADER_BYTES: usize = 61;
-const LENGTH_AT: usize = 8;
-const MAGIC_AT: usize = 16;
-const CRC_AT: usize = 17;
-const ATTRIBUTES_AT: usize = 21; // the CRC covers the batch from here to its end
-const LAST_OFFSET_DELTA_AT: usize = 23;
-const FIRST_TIMESTAMP_AT: usize = 27;
-const MAX_TIMESTAMP_AT: usize = 35;
-const PRODUCER_ID_AT: usize = 43;
-const PRODUCER_EPOCH_AT: usize = 51;
-const BASE_SEQUENCE_AT: usize = 53;
-const COUNT_AT: usize = 57;
-pub const MAGIC: u8 = 2;
-const NO_PARTITION_LEADER_EPOCH: i32 = -1;
+use crate::batch::*;
 
 fn varint(value: i64, out: &mut Vec<u8>) {
     let mut zigzag = ((value << 1) ^ (value >> 63)) as u64;
@@ -145,72 +129,4 @@ pub fn finish(batch: &Bound<'_, PyByteArray>, producer_id: i64, producer_epoch: 
     let crc = crc32c(&data[ATTRIBUTES_AT..]);
     data[CRC_AT..ATTRIBUTES_AT].copy_from_slice(&crc.to_be_bytes());
     Ok(())
-}
-
-const CASTAGNOLI: u32 = 0x82F6_3B78; // CRC-32C's polynomial, reflected
-
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut n = 0;
-    while n < 256 {
-        let mut crc = n as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ CASTAGNOLI } else { crc >> 1 };
-            bit += 1;
-        }
-        table[n] = crc;
-        n += 1;
-    }
-    table
-}
-
-static CRC_TABLE: [u32; 256] = crc_table();
-
-/// CRC-32C, as Kafka's record batches carry it: by the processor's instruction where it has one.
-pub fn crc32c(data: &[u8]) -> u32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("sse4.2") {
-            // SAFETY: the instruction set was detected just now.
-            return unsafe { crc32c_sse42(data) };
-        }
-    }
-    let mut crc = !0u32;
-    for &byte in data {
-        crc = CRC_TABLE[((crc ^ byte as u32) & 0xFF) as usize] ^ (crc >> 8);
-    }
-    !crc
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "sse4.2")]
-unsafe fn crc32c_sse42(data: &[u8]) -> u32 {
-    use std::arch::x86_64::{_mm_crc32_u64, _mm_crc32_u8};
-    let mut crc = !0u64;
-    let mut words = data.chunks_exact(8);
-    for word in &mut words {
-        crc = _mm_crc32_u64(crc, u64::from_le_bytes([word[0], word[1], word[2], word[3], word[4], word[5], word[6], word[7]]));
-    }
-    let mut crc = crc as u32;
-    for &byte in words.remainder() {
-        crc = _mm_crc32_u8(crc, byte);
-    }
-    !crc
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc32c_matches_its_check_value_both_ways() {
-        // The standard check value of CRC-32C: the CRC of the ASCII digits 1 to 9.
-        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
-        let mut crc = !0u32;
-        for &byte in b"123456789" {
-            crc = CRC_TABLE[((crc ^ byte as u32) & 0xFF) as usize] ^ (crc >> 8);
-        }
-        assert_eq!(!crc, 0xE306_9283);
-    }
 }

@@ -125,6 +125,8 @@ def as_record(partition: int, record: Any) -> Record:
 
 
 def _utf8(name: str) -> str:
+    """A header name as text that can be stored and sent again: bytes that were not UTF-8 (kept as
+    surrogates by the lenient reader) become U+FFFD."""
     try:
         name.encode()
     except UnicodeEncodeError:

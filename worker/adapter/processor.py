@@ -242,7 +242,7 @@ class Processor:
         return [] if self._database_away_since_s is not None else self.owned()
 
     async def handle(self, records: Sequence[Record]) -> None:
-        """A fetch's records, as the consumer hands them over (`fetch_guard.as_record`)."""
+        """A fetch's records, as the consumer hands them over (the core's `Record`s: fetch_guard)."""
         if not records or self.stopping:
             return  # stopping: what is not decided now is decided by the partitions' next owner
         self._clock.observe(max(record.timestamp_ms for record in records))

@@ -15,7 +15,8 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -164,28 +165,31 @@ class Publisher:
             partition = record.partition if record.partition is not None else self._place(record.key, count)
             batches.setdefault((record.topic, partition), []).append(record)
         futures = []
-        if self._batch_bytes_max is not None:
-            now_ms = int(time.time() * 1000)
-            for (topic, partition), batch in batches.items():
-                start = 0
-                while start < len(batch):
-                    data, end = record_batch(batch, start, now_ms, self._batch_bytes_max)
-                    written = _WrittenBatch(data, end - start)
-                    futures.append(await producer.send_batch(written, topic, partition=partition))
-                    start = end
-            await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
-            return
+        now_ms = int(time.time() * 1000)
         for (topic, partition), batch in batches.items():
-            builder = producer.create_batch()
-            for record in batch:
-                headers = list(record.headers)  # the batch builder takes a list, nothing else
-                if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
-                    futures.append(await producer.send_batch(builder, topic, partition=partition))  # full: the next
-                    builder = producer.create_batch()
-                    if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
-                        raise Undeliverable(f"a record of {len(record.value)} bytes exceeds a produce batch")
-            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            for built in self._built(producer, batch, now_ms):
+                futures.append(await producer.send_batch(built, topic, partition=partition))
         await asyncio.wait_for(asyncio.gather(*futures), SEND_TIMEOUT_S)
+
+    def _built(self, producer: AIOKafkaProducer, batch: list[Outgoing], now_ms: int) -> Iterator[Any]:
+        """A topic partition's records as produce batches, each as full as the producer's size allows:
+        written whole by native/, or filled by aiokafka's builder a record at a time."""
+        if self._batch_bytes_max is not None:
+            start = 0
+            while start < len(batch):
+                data, end = record_batch(batch, start, now_ms, self._batch_bytes_max)
+                yield _WrittenBatch(data, end - start)
+                start = end
+            return
+        builder = producer.create_batch()
+        for record in batch:
+            headers = list(record.headers)  # the batch builder takes a list, nothing else
+            if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
+                yield builder  # full: the next
+                builder = producer.create_batch()
+                if builder.append(key=record.key, value=record.value, timestamp=None, headers=headers) is None:
+                    raise Undeliverable(f"a record of {len(record.value)} bytes exceeds a produce batch")
+        yield builder
 
     @staticmethod
     def _place(key: bytes | None, count: int) -> int:
